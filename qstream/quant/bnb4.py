@@ -1,0 +1,60 @@
+"""4-bit block formats of bitsandbytes (NF4 and FP4).
+
+Stored: ``""`` uint8 [ceil(numel/2), 1] (two codes a byte) and ``absmax``
+float32 [ceil(numel/block)]. bitsandbytes runs these kernels on CPU and CUDA,
+so dequantization happens on whichever device holds the packed tensor.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@functools.cache
+def _code(quant_type: str, device: torch.device) -> torch.Tensor:
+    import bitsandbytes.functional as F
+
+    return F.get_4bit_type(quant_type, device=device)
+
+
+class FourBit:
+    block_sizes = BLOCK_SIZES
+    quantized = True
+
+    def __init__(self, quant_type: str):
+        self.name = quant_type
+        self.quant_type = quant_type
+
+    def quantize(self, w: torch.Tensor, block_size: int | None) -> tuple[dict[str, torch.Tensor], dict]:
+        import bitsandbytes.functional as F
+
+        from . import DTYPE_NAMES
+
+        src = w if w.dtype in (torch.float16, torch.bfloat16, torch.float32) else w.float()
+        packed, state = F.quantize_4bit(
+            src.contiguous(), blocksize=block_size, quant_type=self.quant_type, compress_statistics=False
+        )
+        meta = {"scheme": self.name, "shape": list(w.shape), "dtype": DTYPE_NAMES[src.dtype], "block_size": block_size}
+        return {"": packed, "absmax": state.absmax.float()}, meta
+
+    def dequantize(self, packed: dict[str, torch.Tensor], meta: dict, *, dtype: torch.dtype) -> torch.Tensor:
+        import bitsandbytes.functional as F
+
+        q = packed[""]
+        state = F.QuantState(
+            absmax=packed["absmax"],
+            shape=torch.Size(meta["shape"]),
+            code=_code(self.quant_type, q.device),
+            blocksize=meta["block_size"],
+            quant_type=self.quant_type,
+            dtype=dtype,
+        )
+        return F.dequantize_4bit(q, state)
+
+    def error_bound(self) -> float:
+        return 0.12  # ~0.09-0.10 measured on Gaussian weights at block 64
+
+

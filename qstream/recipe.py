@@ -1,0 +1,143 @@
+"""Recipe schema: a YAML file naming a model and how to compress it.
+
+    model: smollm2-135m            # alias, local HF dir, local .gguf file, or hub id
+    output: shards/smollm2-nf4     # relative paths resolve against the current directory
+    scheme: nf4                    # default for every quantizable weight
+    block_size: 64                 # default block size of block formats
+    compute_dtype: bfloat16        # dtype the runtime computes in
+    overrides:                     # first matching pattern wins (fnmatch on module names)
+      - {pattern: lm_head, scheme: bf16}
+      - {pattern: "model.layers.0.*", scheme: int8}
+
+Only 2-D weights of linear layers are quantized; norms, biases and embeddings are
+stored in ``compute_dtype`` whatever the recipe says (``keep_dtype`` overrides).
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+from .quant import SCHEMES, QuantSpec, check_spec, get_scheme
+
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+_TOP_KEYS = {"model": str, "output": str, "scheme": str, "block_size": int, "compute_dtype": str, "overrides": list, "description": str}
+_OVERRIDE_KEYS = {"pattern": str, "scheme": str, "block_size": int}
+
+
+@dataclass(frozen=True)
+class Override:
+    pattern: str
+    scheme: str
+    block_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: str
+    output: Path
+    scheme: str = "nf4"
+    block_size: int = 64
+    compute_dtype: str = "bfloat16"
+    overrides: tuple[Override, ...] = field(default_factory=tuple)
+    description: str = ""
+
+    def spec_for(self, module: str) -> tuple[QuantSpec, str | None]:
+        """The spec of a quantizable weight of ``module``, and the pattern that chose it."""
+        for o in self.overrides:
+            if fnmatch.fnmatchcase(module, o.pattern):
+                return _spec(o.scheme, o.block_size or self.block_size), o.pattern
+        return _spec(self.scheme, self.block_size), None
+
+    def fingerprint(self) -> str:
+        """Identity of what the shards will contain (not where they go)."""
+        d = asdict(self)
+        d.pop("output")
+        d.pop("description")
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["output"] = str(self.output)
+        d["overrides"] = [{k: v for k, v in asdict(o).items() if v is not None} for o in self.overrides]
+        return d
+
+
+def _spec(scheme: str, block_size: int) -> QuantSpec:
+    return QuantSpec(scheme, block_size if get_scheme(scheme).block_sizes else None)
+
+
+def _check_type(where: str, value: Any, typ: type) -> None:
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        raise RecipeError(f"{where}: expected {typ.__name__}, got {type(value).__name__} ({value!r})")
+
+
+def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping. Every problem is a RecipeError naming the field."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: expected a mapping of recipe fields, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_TOP_KEYS))
+    if unknown:
+        raise RecipeError(f"{source}: unknown field {unknown[0]!r}; allowed fields: {', '.join(_TOP_KEYS)}")
+    for key in ("model", "output"):
+        if key not in data:
+            raise RecipeError(f"{source}: missing required field {key!r}")
+    for key, typ in _TOP_KEYS.items():
+        if key in data:
+            _check_type(f"{source}: field {key!r}", data[key], typ)
+    scheme = data.get("scheme", "nf4")
+    block_size = data.get("block_size", 64)
+    if scheme not in SCHEMES:
+        raise RecipeError(f"{source}: field 'scheme': unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    check_spec(scheme, block_size if get_scheme(scheme).block_sizes else None, where=f"{source}: field 'block_size'")
+    compute_dtype = data.get("compute_dtype", "bfloat16")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise RecipeError(f"{source}: field 'compute_dtype': {compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+    overrides = []
+    for i, o in enumerate(data.get("overrides", [])):
+        where = f"{source}: overrides[{i}]"
+        if not isinstance(o, dict):
+            raise RecipeError(f"{where}: expected a mapping with 'pattern' and 'scheme'")
+        bad = sorted(set(o) - set(_OVERRIDE_KEYS))
+        if bad:
+            raise RecipeError(f"{where}: unknown field {bad[0]!r}; allowed: {', '.join(_OVERRIDE_KEYS)}")
+        for key in ("pattern", "scheme"):
+            if key not in o:
+                raise RecipeError(f"{where}: missing required field {key!r}")
+        for key, typ in _OVERRIDE_KEYS.items():
+            if key in o:
+                _check_type(f"{where}.{key}", o[key], typ)
+        if o["scheme"] not in SCHEMES:
+            raise RecipeError(f"{where}.scheme: unknown scheme {o['scheme']!r}; choose one of {', '.join(SCHEMES)}")
+        bs = o.get("block_size", block_size)
+        check_spec(o["scheme"], bs if get_scheme(o["scheme"]).block_sizes else None, where=f"{where}.block_size")
+        overrides.append(Override(o["pattern"], o["scheme"], o.get("block_size")))
+    output = Path(data["output"]).expanduser()
+    return Recipe(
+        model=data["model"],
+        output=output,
+        scheme=scheme,
+        block_size=block_size,
+        compute_dtype=compute_dtype,
+        overrides=tuple(overrides),
+        description=data.get("description", ""),
+    )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    return parse_recipe(data, source=str(path))

@@ -1,0 +1,73 @@
+"""`qstream inspect` and `qstream verify`: read a shard directory back."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .manifest import Manifest, read_manifest, safe_member, sha256_file
+
+
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def inspect_table(m: Manifest) -> str:
+    rows = [("file", "schemes", "params", "bytes", "bits/weight")]
+    total_params = total_bytes = 0
+    for f in m.files:
+        params = sum(_numel(t["shape"]) for t in f.tensors.values())
+        schemes = Counter(t["scheme"] for t in f.tensors.values())
+        desc = ", ".join(f"{k} x{v}" for k, v in sorted(schemes.items()))
+        rows.append((f.name, desc, f"{params:,}", human(f.size), f"{8 * f.size / max(params, 1):.2f}"))
+        total_params += params
+        total_bytes += f.size
+    dense = m.data.get("dense_bytes", 2 * total_params)
+    rows.append(("total", "", f"{total_params:,}", human(total_bytes), f"{8 * total_bytes / max(total_params, 1):.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.insert(-1, "  ".join("-" * w for w in widths))
+    head = (f"{m.root}: {m.data['model']['source']} ({m.data['model'].get('architecture')}), "
+            f"{m.num_layers} layers, compute dtype {m.compute_dtype}")
+    foot = f"compression vs 16-bit: {human(dense)} -> {human(total_bytes)} ({dense / max(total_bytes, 1):.2f}x)"
+    return "\n".join([head, *lines, foot])
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: list[str]
+    missing: list[str]
+    corrupt: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.missing and not self.corrupt
+
+
+def verify(root: str | Path, *, progress: bool = True) -> VerifyReport:
+    m = read_manifest(root)
+    ok, missing, corrupt = [], [], []
+    for f in tqdm(m.files, desc="verify", unit="file", disable=not progress):
+        p = safe_member(m.root, f.name)
+        if not p.is_file():
+            missing.append(f.name)
+        elif p.stat().st_size != f.size or sha256_file(p) != f.sha256:
+            corrupt.append(f.name)
+        else:
+            ok.append(f.name)
+    for t in m.tokenizer_files:
+        if not safe_member(m.root, t).is_file():
+            missing.append(t)
+    return VerifyReport(ok, missing, corrupt)
