@@ -1,0 +1,309 @@
+"""Mechanism of streaming: host cache, disk reader thread, device staging slots.
+
+The forward pass visits streamed layers in the same order every time, so the
+pipeline runs cyclically ahead of it: while layer g computes, layers g+1 .. g+S-1
+(S = staging slots) are being read and copied, across the end of one forward
+and into the next. ``acquire(layer)`` returns the layer's tensors on the compute
+device (waiting only if they are not there yet); ``release(layer)`` hands its slot
+back. Copies run on their own CUDA stream; events order them against compute,
+so the host thread never waits for the GPU. Buffers are allocated once.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ShardError
+from ..manifest import Header
+
+log = logging.getLogger(__name__)
+
+ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8, "I8": torch.int8,
+             "I32": torch.int32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool, "I16": torch.int16}
+
+
+def views(buf: torch.Tensor, header: Header) -> dict[str, torch.Tensor]:
+    """Typed views of a layer's tensors inside a flat uint8 buffer holding its data section.
+    safetensors orders tensors by alignment, so every view is aligned."""
+    out = {}
+    for name, s in header.tensors.items():
+        out[name] = buf[s.start:s.end].view(ST_DTYPES[s.dtype]).view(s.shape)
+    return out
+
+
+def read_into(path: Path, header: Header, buf: torch.Tensor) -> None:
+    """Read the data section of a shard file into ``buf`` (CPU, uint8, pinned or not)."""
+    n = header.data_size
+    try:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(header.data_offset)
+            mv = memoryview(buf.numpy()).cast("B")[:n]
+            got = 0
+            while got < n:
+                r = f.readinto(mv[got:])
+                if not r:
+                    raise ShardError(f"shard file {path} is truncated; run `qstream verify {path.parent}`")
+                got += r
+    except FileNotFoundError:
+        raise ShardError(f"missing shard file {path}; run `qstream verify {path.parent}`") from None
+
+
+@dataclass
+class Stats:
+    """Where the time went. Seconds are sums over the run; stall is compute waiting for data."""
+
+    read_s: float = 0.0
+    copy_s: float = 0.0
+    dequant_s: float = 0.0
+    compute_s: float = 0.0
+    stall_s: float = 0.0
+    bytes_read: int = 0  # from disk
+    bytes_copied: int = 0  # host -> device
+    bytes_streamed: int = 0  # bytes of streamed layers consumed by compute
+    forwards: int = 0
+    layer_visits: int = 0
+    _pending: list = field(default_factory=list, repr=False)  # (kind, start_event, end_event)
+
+    def resolve(self) -> None:
+        if not self._pending:
+            return
+        torch.cuda.synchronize()
+        for kind, a, b in self._pending:
+            setattr(self, kind, getattr(self, kind) + a.elapsed_time(b) / 1000)
+        self._pending.clear()
+
+    def as_dict(self) -> dict:
+        self.resolve()
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def reset(self) -> None:
+        self.resolve()
+        for k, v in Stats().__dict__.items():
+            if not k.startswith("_"):
+                setattr(self, k, v)
+
+
+class DiskReader:
+    """A thread reading disk-tier layers, cyclically, into a ring of (pinned) host buffers."""
+
+    def __init__(self, order: list[int], paths: dict[int, Path], headers: dict[int, Header], nbuf: int,
+                 buf_bytes: int, *, pin: bool, stats: Stats, start_pos: int = 0):
+        self.order, self.paths, self.headers, self.stats = order, paths, headers, stats
+        self.bufs = [torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(nbuf)]
+        self.free = [threading.Semaphore(1) for _ in range(nbuf)]
+        self.ready: dict[int, threading.Event] = {}
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.stop = False
+        self.pos = start_pos
+        self.copy_done: list = [None] * nbuf  # CUDA events the reader waits on before reusing a buffer
+        self.thread = threading.Thread(target=self._run, name="qstream-reader", daemon=True)
+        self.thread.start()
+
+    def _event(self, g: int) -> threading.Event:
+        with self.lock:
+            return self.ready.setdefault(g, threading.Event())
+
+    def _run(self) -> None:
+        g = self.pos
+        try:
+            while not self.stop:
+                k = g % len(self.bufs)
+                self.free[k].acquire()
+                if self.stop:
+                    return
+                if self.copy_done[k] is not None:
+                    self.copy_done[k].synchronize()  # the H2D copy out of this buffer has finished
+                layer = self.order[g % len(self.order)]
+                t = time.perf_counter()
+                read_into(self.paths[layer], self.headers[layer], self.bufs[k])
+                self.stats.read_s += time.perf_counter() - t
+                self.stats.bytes_read += self.headers[layer].data_size
+                self._event(g).set()
+                g += 1
+        except BaseException as e:  # handed to the consumer, which raises it
+            self.error = e
+            with self.lock:
+                for ev in self.ready.values():
+                    ev.set()
+            self._event(g).set()
+
+    def get(self, g: int) -> torch.Tensor:
+        """Buffer holding global item g; blocks until read. Raises the reader's error, never hangs."""
+        ev = self._event(g)
+        while not ev.wait(timeout=1.0):
+            if not self.thread.is_alive() and self.error is None:
+                raise ShardError("the shard reader thread stopped unexpectedly")
+        if self.error is not None:
+            raise self.error if isinstance(self.error, ShardError) else ShardError(f"reading shards failed: {self.error}")
+        with self.lock:
+            self.ready.pop(g, None)
+        return self.bufs[g % len(self.bufs)]
+
+    def put(self, g: int, copy_event=None) -> None:
+        k = g % len(self.bufs)
+        self.copy_done[k] = copy_event
+        self.free[k].release()
+
+    def close(self) -> None:
+        self.stop = True
+        for s in self.free:
+            s.release()
+        self.thread.join(timeout=5)
+
+
+class Pipeline:
+    """Streams the non-resident layers of one model. See the module docstring."""
+
+    def __init__(self, *, device: torch.device, streamed: list[int], host_layers: dict[int, torch.Tensor],
+                 disk_layers: list[int], paths: dict[int, Path], headers: dict[int, Header], slots: int,
+                 slot_bytes: int, stats: Stats, profile: bool):
+        self.device, self.order, self.headers, self.stats, self.profile = device, streamed, headers, stats, profile
+        self.pos = {layer: i for i, layer in enumerate(streamed)}
+        self.host = host_layers  # layer -> CPU uint8 buffer (pinned on CUDA)
+        self.disk = set(disk_layers)
+        self.paths = paths
+        self.cuda = device.type == "cuda"
+        self.nslots = slots
+        disk_order = [l for l in streamed if l in self.disk]
+        self._disk_pos = {layer: i for i, layer in enumerate(disk_order)}
+        self.reader = None
+        if disk_order:
+            self.reader = DiskReader(disk_order, paths, headers, max(2, slots), slot_bytes, pin=self.cuda, stats=stats)
+        self._disk_g: dict[int, int] = {}  # global streamed index -> global disk index
+        self.disk_cycle = len(disk_order)
+        if self.cuda:
+            self.slot_bufs = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
+            self.copy_stream = torch.cuda.Stream(device)
+            self.copy_done = [torch.cuda.Event() for _ in range(slots)]
+            self.slot_free = [None] * slots
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.issued = 0  # global index of the next item to load
+        self.consumed = 0  # global index of the item compute needs next
+        self._held: dict[int, tuple[int, object]] = {}
+
+    # global index g -> (layer, disk global index)
+    def _layer(self, g: int) -> int:
+        return self.order[g % len(self.order)]
+
+    def _disk_index(self, g: int) -> int:
+        cycle, i = divmod(g, len(self.order))
+        return cycle * self.disk_cycle + self._disk_pos[self.order[i]]
+
+    def _issue(self, g: int) -> None:
+        """Start loading global item g into slot g % nslots (CUDA) or make it ready (CPU)."""
+        layer = self._layer(g)
+        n = self.headers[layer].data_size
+        if not self.cuda:
+            return  # CPU: host-tier layers are used in place; disk layers come from the reader ring
+        k = g % self.nslots
+        s = self.copy_stream
+        if self.slot_free[k] is not None:
+            s.wait_event(self.slot_free[k])
+        if layer in self.disk:
+            src = self.reader.get(self._disk_index(g))
+        else:
+            src = self.host[layer]
+        with torch.cuda.stream(s):
+            if self.profile:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record(s)
+            self.slot_bufs[k][:n].copy_(src[:n], non_blocking=True)
+            if self.profile:
+                b.record(s)
+                self.stats._pending.append(("copy_s", a, b))
+            self.copy_done[k].record(s)
+        self.stats.bytes_copied += n
+        if layer in self.disk:
+            ev = torch.cuda.Event()
+            ev.record(s)
+            self.reader.put(self._disk_index(g), ev)
+
+    def _sync_to(self, layer: int) -> None:
+        """Compute asked for a layer out of the cyclic order (an interrupted forward): restart there."""
+        if self.cuda:
+            self.copy_stream.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
+        # drain reader items issued but never consumed
+        if self.reader is not None:
+            self.reader.close()
+        cycle = self.consumed // len(self.order) + 1
+        g = cycle * len(self.order) + self.pos[layer]
+        self.issued = self.consumed = g
+        if self.cuda:
+            self.slot_free = [None] * self.nslots
+        if self.reader is not None:
+            r = self.reader
+            self.reader = DiskReader(r.order, r.paths, r.headers, len(r.bufs), r.bufs[0].numel(), pin=self.cuda,
+                                     stats=self.stats, start_pos=self._disk_index(g))
+            del r
+
+    def acquire(self, layer: int) -> dict[str, torch.Tensor]:
+        if self._layer(self.consumed) != layer:
+            log.debug("pipeline resync at layer %d", layer)
+            self._sync_to(layer)
+        g = self.consumed
+        # keep nslots items in flight (CPU: the reader thread runs ahead on its own)
+        ahead = self.nslots if self.cuda else 1
+        while self.issued < g + ahead:
+            self._issue(self.issued)
+            self.issued += 1
+        hdr = self.headers[layer]
+        if self.cuda:
+            k = g % self.nslots
+            cur = torch.cuda.current_stream(self.device)
+            if self.profile:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record(cur)
+            cur.wait_event(self.copy_done[k])
+            if self.profile:
+                b.record(cur)
+                self.stats._pending.append(("stall_s", a, b))
+            key = (layer, k)
+            if key not in self._views:
+                self._views[key] = views(self.slot_bufs[k], hdr)
+            v = self._views[key]
+            self._held[layer] = (g, None)
+        else:
+            if layer in self.disk:
+                t = time.perf_counter()
+                d = self._disk_index(g)
+                buf = self.reader.get(d)
+                self.stats.stall_s += time.perf_counter() - t
+                v = views(buf, hdr)
+                self._held[layer] = (g, d)
+            else:
+                key = (layer, -1)
+                if key not in self._views:
+                    self._views[key] = views(self.host[layer], hdr)
+                v = self._views[key]
+                self._held[layer] = (g, None)
+        self.stats.bytes_streamed += hdr.data_size
+        self.consumed = g + 1
+        return v
+
+    def release(self, layer: int) -> None:
+        g, d = self._held.pop(layer)
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self.slot_free[g % self.nslots] = ev
+        elif d is not None:
+            self.reader.put(d)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+
+def total_bytes(headers: dict[int, Header]) -> int:
+    return sum(h.data_size for h in headers.values())
+
+
+

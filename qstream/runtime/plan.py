@@ -1,0 +1,114 @@
+"""The tier plan: which decoder layers live on the compute device, which stream
+from a host-RAM cache, and which stream from disk. Pure arithmetic, no I/O.
+
+Rule: never stream what fits. Fixed costs (head, norms, dequantization
+workspace, activations, KV cache) come off the budget first; if every layer fits
+in what is left, every layer is resident. Otherwise ``slots`` staging buffers (one
+layer each, for overlapped loading) are reserved and as many layers as still fit
+stay resident, spread evenly through the stack so the copy engine has work while
+resident layers compute. Streamed layers come from host RAM while they fit in
+``host_budget``, the rest from disk.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import BudgetError
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_bytes(value: str | int | float | None, *, what: str = "memory") -> int | None:
+    """'4GiB' -> 4294967296; None or 'auto' -> None (no limit / auto); ints pass through."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise BudgetError(f"{what}: {value} is negative")
+        return int(value)
+    s = str(value).strip().lower()
+    if s in ("auto", "none", "unlimited", "inf"):
+        return None
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s)
+    if not m or m[2] not in _UNITS:
+        raise BudgetError(f"{what}: cannot read {value!r} as a size; write e.g. 4GiB, 512MiB, 8GB or a number of bytes")
+    return int(float(m[1]) * _UNITS[m[2]])
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    resident: tuple[int, ...]
+    host: tuple[int, ...]
+    disk: tuple[int, ...]
+    slots: int  # staging buffers on the compute device for streamed layers
+    slot_bytes: int
+    fixed_bytes: int
+    budget: int | None
+    host_budget: int | None
+
+    @property
+    def streamed(self) -> tuple[int, ...]:
+        return tuple(sorted(self.host + self.disk))
+
+    def tier_of(self, layer: int) -> str:
+        return "resident" if layer in self.resident else "host" if layer in self.host else "disk"
+
+    def describe(self) -> str:
+        gib = 1024**3
+        b = "unlimited" if self.budget is None else f"{self.budget / gib:.2f} GiB"
+        return (f"device budget {b}: {len(self.resident)} layers resident, {len(self.host)} streamed from host RAM, "
+                f"{len(self.disk)} from disk, {self.slots} staging slots of {self.slot_bytes / 2**20:.1f} MiB, "
+                f"fixed {self.fixed_bytes / 2**20:.1f} MiB")
+
+
+def spread(n: int, total: int) -> list[int]:
+    """n indices spread evenly over range(total)."""
+    return [i for i in range(total) if (i + 1) * n // total > i * n // total]
+
+
+def plan_tiers(layer_bytes: list[int], *, fixed_bytes: int, budget: int | None, host_budget: int | None,
+               max_slots: int = 4, min_slots: int = 2) -> TierPlan:
+    n = len(layer_bytes)
+    if budget is None or fixed_bytes + sum(layer_bytes) <= budget:
+        return TierPlan(tuple(range(n)), (), (), 0, 0, fixed_bytes, budget, host_budget)
+    biggest = max(layer_bytes)
+    minimum = fixed_bytes + min_slots * biggest
+    if budget < minimum:
+        raise BudgetError(
+            f"device memory budget {budget / 2**30:.2f} GiB is too small: this model needs at least "
+            f"{minimum / 2**30:.2f} GiB ({fixed_bytes / 2**20:.0f} MiB fixed + {min_slots} x {biggest / 2**20:.0f} MiB "
+            f"layer slots); raise --gpu-memory or shard with a smaller scheme")
+    left = budget - fixed_bytes
+    slots = min(max_slots, left // biggest, n)
+    # trade staging slots for resident layers only down to min_slots
+    best = None
+    for s in range(slots, min_slots - 1, -1):
+        room = left - s * biggest
+        k = _fit_count(layer_bytes, room)
+        if best is None or k > best[1] + 1:  # a slot is worth more than one resident layer
+            best = (s, k)
+    s, k = best
+    resident = set(_fit_layers(layer_bytes, left - s * biggest, k))
+    streamed = [i for i in range(n) if i not in resident]
+    host, disk, used = [], [], 0
+    for i in streamed:
+        if host_budget is None or used + layer_bytes[i] <= host_budget:
+            host.append(i)
+            used += layer_bytes[i]
+        else:
+            disk.append(i)
+    return TierPlan(tuple(sorted(resident)), tuple(host), tuple(disk), s, biggest, fixed_bytes, budget, host_budget)
+
+
+def _fit_count(layer_bytes: list[int], room: int) -> int:
+    k = 0
+    for k in range(len(layer_bytes), -1, -1):
+        if sum(layer_bytes[i] for i in spread(k, len(layer_bytes))) <= room:
+            return k
+    return 0
+
+
+def _fit_layers(layer_bytes: list[int], room: int, k: int) -> list[int]:
+    return spread(k, len(layer_bytes)) if k else []

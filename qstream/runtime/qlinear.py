@@ -1,0 +1,64 @@
+"""A linear layer whose weight is stored in a qstream scheme and dequantized on
+the fly, on the device that holds it. Tensors are bound from outside (the
+streamed model points them into staging buffers), so the module owns no memory."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import get_scheme
+
+
+class QLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, meta: dict, compute_dtype: torch.dtype,
+                 stats=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.meta = meta
+        self.scheme = get_scheme(meta["scheme"])
+        self.compute_dtype = compute_dtype
+        self.packed: dict[str, torch.Tensor] = {}
+        self.bias_t: torch.Tensor | None = None
+        self.has_bias = bias
+        self.stats = stats  # set to a Stats to time dequantization with CUDA events
+
+    def bind(self, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> None:
+        self.packed = packed
+        self.bias_t = bias
+
+    def weight_dense(self) -> torch.Tensor:
+        return self.scheme.dequantize(self.packed, self.meta, dtype=self.compute_dtype)  # [out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
+        if not self.packed:
+            raise RuntimeError(f"QLinear {self.meta.get('name', '')} used before its weights were bound")
+        st = self.stats
+        if st is not None and x.is_cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            w = self.weight_dense()
+            b.record()
+            st._pending.append(("dequant_s", a, b))
+        else:
+            w = self.weight_dense()
+        return F.linear(x.to(self.compute_dtype), w, self.bias_t)  # [..., out]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, scheme={self.meta['scheme']}, bias={self.has_bias}"
+
+
+class HostEmbedding(nn.Module):
+    """Token embeddings kept in host RAM: a lookup reads a few rows, so the
+    table never needs device memory; only the [B, S, H] result is copied."""
+
+    def __init__(self, weight: torch.Tensor, device: torch.device, padding_idx=None):
+        super().__init__()
+        self.weight_host = weight  # [V, H], deliberately not a registered parameter
+        self.device = device
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, S]
+        out = F.embedding(ids.to("cpu"), self.weight_host)  # [B, S, H]
+        return out.to(self.device, non_blocking=False)
