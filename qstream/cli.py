@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log what qstream does (and print timing breakdowns)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from .cli_run import COMMON
 
-    s = sub.add_parser("shard", help="compress a model into per-layer shards as a recipe says",
+    s = sub.add_parser("shard", parents=[COMMON], help="compress a model into per-layer shards as a recipe says",
                        description="Read the model a recipe names, quantize each layer as the recipe says, and write one "
                        "safetensors file per layer plus a checksummed manifest. Rerunning after an interruption resumes.")
     s.add_argument("recipe", help="recipe YAML (see recipes/ and the README's recipe reference)")
@@ -85,11 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["cpu", "cuda"], help="where to quantize (default: cuda when available)")
     s.set_defaults(func=_cmd_shard)
 
-    s = sub.add_parser("inspect", help="per-layer table of schemes, bytes and bits per weight")
+    s = sub.add_parser("inspect", parents=[COMMON], help="per-layer table of schemes, bytes and bits per weight")
     s.add_argument("dir", help="shard directory")
     s.set_defaults(func=_cmd_inspect)
 
-    s = sub.add_parser("verify", help="recompute checksums; exit 1 naming every missing or corrupt file")
+    s = sub.add_parser("verify", parents=[COMMON], help="recompute checksums; exit 1 naming every missing or corrupt file")
     s.add_argument("dir", help="shard directory")
     s.set_defaults(func=_cmd_verify)
 

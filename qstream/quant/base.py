@@ -16,6 +16,6 @@ class Scheme(Protocol):
 
     def dequantize(self, packed: dict[str, torch.Tensor], meta: dict, *, dtype: torch.dtype) -> torch.Tensor: ...
 
-    def error_bound(self) -> float:
+    def error_bound(self, block_size: int | None) -> float:
         """Relative Frobenius error this scheme is expected to stay under on Gaussian weights."""
         ...

@@ -22,6 +22,6 @@ class PassThrough:
     def dequantize(self, packed: dict[str, torch.Tensor], meta: dict, *, dtype: torch.dtype) -> torch.Tensor:
         return packed[""].to(dtype)
 
-    def error_bound(self) -> float:
+    def error_bound(self, block_size: int | None = None) -> float:
         # bf16 keeps 8 mantissa bits: relative error per element <= 2^-9.
         return {torch.float32: 1e-7, torch.float16: 1e-3, torch.bfloat16: 4e-3}[self.dtype]

@@ -1,0 +1,163 @@
+"""Generation with a KV cache over a streamed model: a batch of prompts shares one
+pass over the weights per step; greedy, temperature and top-p sampling; EOS and
+stop strings; chat templates; chunked prefill; text streamed as it is decoded."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import QstreamError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    prefill_chunk: int = 512
+    chat: bool = True  # apply the tokenizer's chat template when it has one
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise QstreamError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise QstreamError("temperature must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise QstreamError("top_p must be in (0, 1]")
+        if self.prefill_chunk < 1:
+            raise QstreamError("prefill_chunk must be at least 1")
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    new_tokens: list[list[int]]
+    prompt_tokens: int  # per sequence, after padding
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    peak_gpu_bytes: int | None
+    timing: dict = field(default_factory=dict)
+
+    @property
+    def s_per_token(self) -> float:
+        return self.decode_s / max(self.decode_steps, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.texts) * self.decode_steps / max(self.decode_s, 1e-9)
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def format_prompts(tokenizer, prompts: list[str], *, chat: bool) -> list[str]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in prompts]
+    return prompts
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for v in (getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(v)
+    return ids
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> next tokens [B]."""
+    logits = logits.float()
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p  # always keeps the top token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingConfig(), *,
+             on_text: Callable[[int, str], None] | None = None) -> GenerationResult:
+    """Generate for every prompt at once. ``on_text(i, delta)`` receives new text of sequence i."""
+    if not prompts or any(not p for p in prompts):
+        raise QstreamError("every prompt must be a non-empty string")
+    texts_in = format_prompts(tokenizer, prompts, chat=cfg.chat)
+    enc = tokenizer(texts_in, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not cfg.chat)
+    ids, mask = enc["input_ids"], enc["attention_mask"]  # [B, T]
+    B, T = ids.shape
+    dev = model.device
+    gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    cache = model.new_cache()
+    eos = eos_ids(model, tokenizer)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model.reset_timing()
+
+    # prefill, chunk by chunk; position ids skip the left padding
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+    t0 = time.perf_counter()
+    logits = None
+    for s in range(0, T, cfg.prefill_chunk):
+        e = min(s + cfg.prefill_chunk, T)
+        logits = model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos[:, s:e], past_key_values=cache,
+                       cache_position=torch.arange(s, e), logits_to_keep=1)
+    next_tok = sample(logits[:, -1], cfg, gen).cpu()  # [B]
+    prefill_s = time.perf_counter() - t0
+
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    shown = [""] * B
+    finals: list[str | None] = [None] * B
+    steps = 0
+    t1 = time.perf_counter()
+    cur_pos = pos[:, -1]
+    while True:
+        for b in range(B):
+            if done[b]:
+                continue
+            tok = int(next_tok[b])
+            if tok in eos:
+                done[b] = True
+                continue
+            out[b].append(tok)
+            text = tokenizer.decode(out[b], skip_special_tokens=True)
+            hit = next((text.index(st) for st in cfg.stop if st in text), None)
+            if hit is not None:
+                text, done[b] = text[:hit], True
+                finals[b] = text
+            if on_text is not None and len(text) > len(shown[b]) and text.startswith(shown[b]):
+                on_text(b, text[len(shown[b]):])
+                shown[b] = text
+            if len(out[b]) >= cfg.max_new_tokens:
+                done[b] = True
+        if all(done):
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+        cur_pos = cur_pos + 1
+        step_ids = next_tok.view(B, 1)
+        logits = model(step_ids, attention_mask=mask, position_ids=cur_pos.view(B, 1), past_key_values=cache,
+                       cache_position=torch.tensor([mask.shape[1] - 1]), logits_to_keep=1)
+        next_tok = sample(logits[:, -1], cfg, gen).cpu()
+        steps += 1
+    decode_s = time.perf_counter() - t1
+    texts = [finals[b] if finals[b] is not None else tokenizer.decode(out[b], skip_special_tokens=True) for b in range(B)]
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    return GenerationResult(texts, out, T, prefill_s, decode_s, steps, peak, model.timing())
