@@ -42,7 +42,8 @@ class GenerationResult:
     decode_s: float
     decode_steps: int
     peak_gpu_bytes: int | None
-    timing: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)  # decode steps only
+    prefill_timing: dict = field(default_factory=dict)
 
     @property
     def s_per_token(self) -> float:
@@ -101,12 +102,19 @@ def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig = Samplin
         raise QstreamError("every prompt must be a non-empty string")
     texts_in = format_prompts(tokenizer, prompts, chat=cfg.chat)
     enc = tokenizer(texts_in, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not cfg.chat)
-    ids, mask = enc["input_ids"], enc["attention_mask"]  # [B, T]
+    return generate_ids(model, enc["input_ids"], enc["attention_mask"], cfg, eos=eos_ids(model, tokenizer),
+                        tokenizer=tokenizer, on_text=on_text)
+
+
+@torch.inference_mode()
+def generate_ids(model, ids: torch.Tensor, mask: torch.Tensor, cfg: SamplingConfig, *, eos: set[int] = frozenset(),
+                 tokenizer=None, on_text: Callable[[int, str], None] | None = None) -> GenerationResult:
+    """The loop on token ids [B, T] (left-padded, ``mask`` [B, T]). Without a tokenizer, stop
+    strings and texts are skipped (benchmarks); ``eos`` empty means run max_new_tokens."""
     B, T = ids.shape
     dev = model.device
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     cache = model.new_cache()
-    eos = eos_ids(model, tokenizer)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     model.reset_timing()
@@ -119,8 +127,10 @@ def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig = Samplin
         e = min(s + cfg.prefill_chunk, T)
         logits = model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos[:, s:e], past_key_values=cache,
                        cache_position=torch.arange(s, e), logits_to_keep=1)
-    next_tok = sample(logits[:, -1], cfg, gen).cpu()  # [B]
+    next_tok = sample(logits[:, -1], cfg, gen).cpu()  # [B]; .cpu() waits for the device
     prefill_s = time.perf_counter() - t0
+    prefill_timing = model.timing()
+    model.reset_timing()
 
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
@@ -138,26 +148,29 @@ def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig = Samplin
                 done[b] = True
                 continue
             out[b].append(tok)
-            text = tokenizer.decode(out[b], skip_special_tokens=True)
-            hit = next((text.index(st) for st in cfg.stop if st in text), None)
-            if hit is not None:
-                text, done[b] = text[:hit], True
-                finals[b] = text
-            if on_text is not None and len(text) > len(shown[b]) and text.startswith(shown[b]):
-                on_text(b, text[len(shown[b]):])
-                shown[b] = text
+            if tokenizer is not None and (cfg.stop or on_text is not None):
+                text = tokenizer.decode(out[b], skip_special_tokens=True)
+                hit = next((text.index(st) for st in cfg.stop if st in text), None)
+                if hit is not None:
+                    text, done[b] = text[:hit], True
+                    finals[b] = text
+                if on_text is not None and len(text) > len(shown[b]) and text.startswith(shown[b]):
+                    on_text(b, text[len(shown[b]):])
+                    shown[b] = text
             if len(out[b]) >= cfg.max_new_tokens:
                 done[b] = True
         if all(done):
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
         cur_pos = cur_pos + 1
-        step_ids = next_tok.view(B, 1)
-        logits = model(step_ids, attention_mask=mask, position_ids=cur_pos.view(B, 1), past_key_values=cache,
+        logits = model(next_tok.view(B, 1), attention_mask=mask, position_ids=cur_pos.view(B, 1), past_key_values=cache,
                        cache_position=torch.tensor([mask.shape[1] - 1]), logits_to_keep=1)
         next_tok = sample(logits[:, -1], cfg, gen).cpu()
         steps += 1
     decode_s = time.perf_counter() - t1
-    texts = [finals[b] if finals[b] is not None else tokenizer.decode(out[b], skip_special_tokens=True) for b in range(B)]
+    if tokenizer is not None:
+        texts = [finals[b] if finals[b] is not None else tokenizer.decode(out[b], skip_special_tokens=True) for b in range(B)]
+    else:
+        texts = [""] * B
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-    return GenerationResult(texts, out, T, prefill_s, decode_s, steps, peak, model.timing())
+    return GenerationResult(texts, out, T, prefill_s, decode_s, steps, peak, model.timing(), prefill_timing)

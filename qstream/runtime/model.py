@@ -310,7 +310,7 @@ def _fixed_bytes(hf, manifest: Manifest, head: FileEntry, dtype: torch.dtype, ma
 
 def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_memory: str | int | None = None,
          host_memory: str | int | None = "auto", max_batch: int = 1, max_seq: int | None = None, prefill_chunk: int = 512,
-         max_slots: int = 4, profile: bool = True, verify: bool = False) -> StreamedModel:
+         max_slots: int = 4, profile: bool = True, verify: bool = False, cold_disk: bool = False) -> StreamedModel:
     """Open a shard directory for inference.
 
     gpu_memory: budget on the compute device ("4GiB"; None = unlimited) covering weights,
@@ -319,6 +319,7 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
         0 = stream every non-resident layer from disk).
     max_batch / max_seq: the largest batch and sequence the budget must leave room for.
     verify: recompute every shard checksum first (slow for big models; see `qstream verify`).
+    cold_disk: drop disk-tier files from the page cache after each read (honest disk benchmarks).
     """
     dev = resolve_device(device)
     manifest = read_manifest(path)
@@ -399,7 +400,7 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
         pipeline = Pipeline(device=dev, streamed=list(plan.streamed), host_layers=host_layers, disk_layers=list(plan.disk),
                             paths={i: manifest.path(layer_entries[i]) for i in plan.streamed},
                             headers={i: headers[i] for i in plan.streamed}, slots=max(plan.slots, 2),
-                            slot_bytes=plan.slot_bytes, stats=stats, profile=profile)
+                            slot_bytes=plan.slot_bytes, stats=stats, profile=profile, cold=cold_disk)
     return StreamedModel(manifest, hf, plan, dev, dtype, layers, pipeline, bindings, stats, kv_offload, profile)
 
 

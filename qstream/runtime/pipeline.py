@@ -11,6 +11,7 @@ so the host thread never waits for the GPU. Buffers are allocated once.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,11 +37,15 @@ def views(buf: torch.Tensor, header: Header) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_into(path: Path, header: Header, buf: torch.Tensor) -> None:
-    """Read the data section of a shard file into ``buf`` (CPU, uint8, pinned or not)."""
+def read_into(path: Path, header: Header, buf: torch.Tensor, *, cold: bool = False) -> None:
+    """Read the data section of a shard file into ``buf`` (CPU, uint8, pinned or not).
+    ``cold`` drops the file from the page cache afterwards, so the next read comes from the disk
+    (what a machine whose RAM cannot hold the model sees; used by benchmarks)."""
     n = header.data_size
     try:
         with open(path, "rb", buffering=0) as f:
+            if cold:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             f.seek(header.data_offset)
             mv = memoryview(buf.numpy()).cast("B")[:n]
             got = 0
@@ -49,6 +54,8 @@ def read_into(path: Path, header: Header, buf: torch.Tensor) -> None:
                 if not r:
                     raise ShardError(f"shard file {path} is truncated; run `qstream verify {path.parent}`")
                 got += r
+            if cold:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     except FileNotFoundError:
         raise ShardError(f"missing shard file {path}; run `qstream verify {path.parent}`") from None
 
@@ -92,8 +99,8 @@ class DiskReader:
     """A thread reading disk-tier layers, cyclically, into a ring of (pinned) host buffers."""
 
     def __init__(self, order: list[int], paths: dict[int, Path], headers: dict[int, Header], nbuf: int,
-                 buf_bytes: int, *, pin: bool, stats: Stats, start_pos: int = 0):
-        self.order, self.paths, self.headers, self.stats = order, paths, headers, stats
+                 buf_bytes: int, *, pin: bool, stats: Stats, start_pos: int = 0, cold: bool = False):
+        self.order, self.paths, self.headers, self.stats, self.cold = order, paths, headers, stats, cold
         self.bufs = [torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(nbuf)]
         self.free = [threading.Semaphore(1) for _ in range(nbuf)]
         self.ready: dict[int, threading.Event] = {}
@@ -121,7 +128,7 @@ class DiskReader:
                     self.copy_done[k].synchronize()  # the H2D copy out of this buffer has finished
                 layer = self.order[g % len(self.order)]
                 t = time.perf_counter()
-                read_into(self.paths[layer], self.headers[layer], self.bufs[k])
+                read_into(self.paths[layer], self.headers[layer], self.bufs[k], cold=self.cold)
                 self.stats.read_s += time.perf_counter() - t
                 self.stats.bytes_read += self.headers[layer].data_size
                 self._event(g).set()
@@ -162,7 +169,7 @@ class Pipeline:
 
     def __init__(self, *, device: torch.device, streamed: list[int], host_layers: dict[int, torch.Tensor],
                  disk_layers: list[int], paths: dict[int, Path], headers: dict[int, Header], slots: int,
-                 slot_bytes: int, stats: Stats, profile: bool):
+                 slot_bytes: int, stats: Stats, profile: bool, cold: bool = False):
         self.device, self.order, self.headers, self.stats, self.profile = device, streamed, headers, stats, profile
         self.pos = {layer: i for i, layer in enumerate(streamed)}
         self.host = host_layers  # layer -> CPU uint8 buffer (pinned on CUDA)
@@ -174,7 +181,8 @@ class Pipeline:
         self._disk_pos = {layer: i for i, layer in enumerate(disk_order)}
         self.reader = None
         if disk_order:
-            self.reader = DiskReader(disk_order, paths, headers, max(2, slots), slot_bytes, pin=self.cuda, stats=stats)
+            self.reader = DiskReader(disk_order, paths, headers, max(2, slots), slot_bytes, pin=self.cuda, stats=stats,
+                                     cold=cold)
         self._disk_g: dict[int, int] = {}  # global streamed index -> global disk index
         self.disk_cycle = len(disk_order)
         if self.cuda:
@@ -240,7 +248,7 @@ class Pipeline:
         if self.reader is not None:
             r = self.reader
             self.reader = DiskReader(r.order, r.paths, r.headers, len(r.bufs), r.bufs[0].numel(), pin=self.cuda,
-                                     stats=self.stats, start_pos=self._disk_index(g))
+                                     stats=self.stats, start_pos=self._disk_index(g), cold=r.cold)
             del r
 
     def acquire(self, layer: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,185 @@
+"""Speed harness: prefill and decode speed of a shard directory under a budget, the
+runtime's breakdown, and the ratio to the floor of the memory tier in use, with
+the tier's bandwidth measured in the same run."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import QstreamError
+
+
+def machine() -> dict:
+    d = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+         "torch": torch.__version__}
+    try:
+        import transformers
+
+        d["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        d["gpu"] = torch.cuda.get_device_name()
+        d["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return d
+
+
+def h2d_bandwidth(*, pinned: bool, nbytes: int = 512 << 20, reps: int = 8) -> float:
+    """Host -> GPU copy bandwidth in bytes/s (one large copy at a time, like a layer)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    src.fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=pinned)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        dst.copy_(src, non_blocking=pinned)
+    b.record()
+    torch.cuda.synchronize()
+    return nbytes * reps / (a.elapsed_time(b) / 1000)
+
+
+def read_bandwidth(paths: list[Path], *, cold: bool, limit: int = 4 << 30) -> float:
+    """File read bandwidth in bytes/s: cold drops each file from the page cache first."""
+    buf = bytearray(64 << 20)
+    total, t = 0, 0.0
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            if cold:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                while f.readinto(buf):  # warm it
+                    pass
+                f.seek(0)
+            t0 = time.perf_counter()
+            while n := f.readinto(buf):
+                total += n
+            t += time.perf_counter() - t0
+        if total >= limit:
+            break
+    return total / max(t, 1e-9)
+
+
+def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, batch: int = 1, device: str = "auto",
+          gpu_memory=None, host_memory="auto", cold_disk: bool = False, seed: int = 0) -> dict:
+    from .generate import SamplingConfig, generate_ids
+    from .runtime.model import load
+
+    if prompt_tokens < 1 or new_tokens < 2 or batch < 1:
+        raise QstreamError("need --prompt-tokens >= 1, --new-tokens >= 2 and --batch >= 1")
+    t0 = time.perf_counter()
+    model = load(path, device=device, gpu_memory=gpu_memory, host_memory=host_memory, max_batch=batch,
+                 max_seq=prompt_tokens + new_tokens + 8, cold_disk=cold_disk)
+    load_s = time.perf_counter() - t0
+    try:
+        vocab = model.config.vocab_size
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(100, vocab - 1, (batch, prompt_tokens), generator=g)
+        mask = torch.ones_like(ids)
+        generate_ids(model, ids[:, :8], mask[:, :8], SamplingConfig(max_new_tokens=3))  # warm-up: kernels, allocator
+        r = generate_ids(model, ids, mask, SamplingConfig(max_new_tokens=new_tokens))
+        plan = model.plan
+        hdr = model.pipeline.headers if model.pipeline else {}
+        host_bytes = sum(hdr[i].data_size for i in plan.host)
+        disk_bytes = sum(hdr[i].data_size for i in plan.disk)
+        bw: dict[str, float] = {}
+        floor_s = 0.0
+        if model.device.type == "cuda":
+            bw["pinned_h2d"] = h2d_bandwidth(pinned=True)
+            bw["pageable_h2d"] = h2d_bandwidth(pinned=False)
+            if host_bytes:
+                floor_s += host_bytes / bw["pinned_h2d"]
+        if disk_bytes:
+            paths = [model.pipeline.paths[i] for i in plan.disk]
+            bw["disk_cold_read"] = read_bandwidth(paths, cold=True)
+            bw["page_cache_read"] = read_bandwidth(paths, cold=False)
+            floor_s += disk_bytes / bw["disk_cold_read" if cold_disk else "page_cache_read"]
+        s_tok = r.s_per_token
+        streamed = host_bytes + disk_bytes
+        t = r.timing
+        steps = max(r.decode_steps, 1)
+        out = {
+            "command": " ".join(sys.argv),
+            "shards": str(path),
+            "recipe": model.manifest.data["recipe"],
+            "machine": machine(),
+            "device": str(model.device),
+            "gpu_memory": gpu_memory,
+            "host_memory": host_memory,
+            "cold_disk": cold_disk,
+            "batch": batch,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens,
+            "plan": {"resident": len(plan.resident), "host": len(plan.host), "disk": len(plan.disk), "slots": plan.slots},
+            "load_s": load_s,
+            "prefill_s": r.prefill_s,
+            "prefill_tokens_per_s": batch * prompt_tokens / r.prefill_s,
+            "decode_s_per_token": s_tok,
+            "decode_tokens_per_s": r.tokens_per_s,
+            "peak_gpu_gib": None if r.peak_gpu_bytes is None else r.peak_gpu_bytes / 2**30,
+            "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "streamed_bytes_per_token": streamed,
+            "achieved_gb_per_s": streamed / s_tok / 1e9 if streamed else None,
+            "bandwidth_gb_per_s": {k: v / 1e9 for k, v in bw.items()},
+            "floor_s_per_token": floor_s if streamed else None,
+            "floor_ratio": floor_s / s_tok if streamed else None,
+            "breakdown_s_per_token": {k: t[k] / steps for k in ("read_s", "copy_s", "dequant_s", "compute_only_s", "stall_s")},
+            "shard_bytes": sum(f.size for f in model.manifest.files),
+        }
+        return out
+    finally:
+        model.close()
+
+
+def format_bench(r: dict) -> str:
+    def f(x, fmt="{:.3f}"):
+        return "-" if x is None else fmt.format(x)
+
+    lines = [
+        f"machine: {r['machine'].get('gpu', r['machine']['cpu'])} ({r['device']}), plan: {r['plan']}",
+        f"prefill: {r['prompt_tokens']} x {r['batch']} tokens in {r['prefill_s']:.3f} s ({r['prefill_tokens_per_s']:.1f} tokens/s)",
+        f"decode:  {r['decode_s_per_token']:.4f} s/token, {r['decode_tokens_per_s']:.2f} tokens/s (batch {r['batch']})",
+        f"memory:  peak GPU {f(r['peak_gpu_gib'], '{:.2f}')} GiB, peak host {r['peak_host_gib']:.2f} GiB",
+        f"stream:  {r['streamed_bytes_per_token'] / 2**20:.1f} MiB/token, achieved {f(r['achieved_gb_per_s'], '{:.1f}')} GB/s, "
+        f"floor {f(r['floor_s_per_token'], '{:.4f}')} s/token, floor ratio {f(r['floor_ratio'], '{:.2f}')}",
+        "bandwidth (same run): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in r["bandwidth_gb_per_s"].items()),
+        "breakdown per token: " + ", ".join(f"{k.removesuffix('_s')} {v * 1000:.1f} ms" for k, v in r["breakdown_s_per_token"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    r = bench(a.dir, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, batch=a.batch, device=a.device,
+              gpu_memory=a.gpu_memory, host_memory=a.host_memory, cold_disk=a.cold_disk)
+    print(format_bench(r))
+    if a.json:
+        from .manifest import atomic_write_json
+
+        atomic_write_json(Path(a.json), r)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    from .cli_run import COMMON, add_runtime_args
+
+    s = sub.add_parser("bench", parents=[COMMON], help="measure prefill/decode speed, the breakdown and the ratio to the floor",
+                       description="Decode a random prompt and report s/token, tokens/s, peak memory, bytes streamed per "
+                       "token, where the time goes, and the floor: streamed bytes over the bandwidth of their tier, "
+                       "measured in the same run.")
+    add_runtime_args(s)
+    s.add_argument("--prompt-tokens", type=int, default=64)
+    s.add_argument("--new-tokens", type=int, default=32)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--cold-disk", action="store_true", help="drop disk-tier shards from the page cache after each read")
+    s.add_argument("--json", help="also write the result as JSON here")
+    s.set_defaults(func=_cmd_bench)
