@@ -15,7 +15,7 @@ def test_streamed_cuda_matches_dense_twin(tmp_path, scheme, budget, host):
 
     src = make_tiny(tmp_path / "m", "llama", num_hidden_layers=8, hidden_size=256, intermediate_size=512)
     out = shard_to(tmp_path, src, scheme)
-    probe = qstream.load(out, device="cuda", max_seq=64)
+    probe = qstream.load(out, device="cuda", max_seq=64, max_batch=2)
     fixed = probe.plan.fixed_bytes
     layer = max(h.data_size for h in _headers(out))
     probe.close()

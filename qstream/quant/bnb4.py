@@ -58,6 +58,20 @@ class FourBit:
         )
         return F.dequantize_4bit(q, state).view(shape)
 
+    def gemv(self, x: torch.Tensor, packed: dict[str, torch.Tensor], meta: dict, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """x [.., in] with a single row on CUDA -> x @ W.T straight from the 4-bit codes
+        (bitsandbytes' fused inference kernel; no dequantized weight is written). None when
+        the fused path does not apply, so the caller dequantizes instead."""
+        if not x.is_cuda or x.numel() != x.shape[-1] or x.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+
+        q = packed[""]
+        state = F.QuantState(absmax=packed["absmax"], shape=torch.Size(meta["shape"]), code=_code(self.quant_type, q.device),
+                             blocksize=meta["block_size"], quant_type=self.quant_type, dtype=x.dtype)
+        return bnb.matmul_4bit(x, q.t(), quant_state=state, bias=bias)
+
     def error_bound(self, block_size: int) -> float:
         # Gaussian weights: NF4 0.088 at block 32 rising to 0.113 at 4096; FP4 0.115 to 0.163
         base = 0.10 if self.quant_type == "nf4" else 0.13

@@ -188,7 +188,9 @@ class Pipeline:
         if self.cuda:
             self.slot_bufs = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
             self.copy_stream = torch.cuda.Stream(device)
+            # one reusable event per slot and direction: recording again after a wait was queued is safe
             self.copy_done = [torch.cuda.Event() for _ in range(slots)]
+            self.free_ev = [torch.cuda.Event() for _ in range(slots)]
             self.slot_free = [None] * slots
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.issued = 0  # global index of the next item to load
@@ -298,9 +300,9 @@ class Pipeline:
     def release(self, layer: int) -> None:
         g, d = self._held.pop(layer)
         if self.cuda:
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
-            self.slot_free[g % self.nslots] = ev
+            k = g % self.nslots
+            self.free_ev[k].record(torch.cuda.current_stream(self.device))
+            self.slot_free[k] = self.free_ev[k]
         elif d is not None:
             self.reader.put(d)
 

@@ -22,6 +22,7 @@ class QLinear(nn.Module):
         self.bias_t: torch.Tensor | None = None
         self.has_bias = bias
         self.stats = stats  # set to a Stats to time dequantization with CUDA events
+        self.fused = True  # use a scheme's fused single-row kernel when it has one
 
     def bind(self, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> None:
         self.packed = packed
@@ -33,6 +34,12 @@ class QLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         if not self.packed:
             raise RuntimeError(f"QLinear {self.meta.get('name', '')} used before its weights were bound")
+        x = x.to(self.compute_dtype)
+        gemv = getattr(self.scheme, "gemv", None)
+        if gemv is not None and self.fused:
+            y = gemv(x, self.packed, self.meta, self.bias_t)  # decode step: no dequantized weight at all
+            if y is not None:
+                return y
         st = self.stats
         if st is not None and x.is_cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -42,7 +49,7 @@ class QLinear(nn.Module):
             st._pending.append(("dequant_s", a, b))
         else:
             w = self.weight_dense()
-        return F.linear(x.to(self.compute_dtype), w, self.bias_t)  # [..., out]
+        return F.linear(x, w, self.bias_t)  # [..., out]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scheme={self.meta['scheme']}, bias={self.has_bias}"
