@@ -118,9 +118,7 @@ class StreamedModel:
         if not self.profile:
             return
         if self.device.type == "cuda":
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self._t_layer[i] = e
+            self._t_layer[i] = self.stats.timed("compute_s")
         else:
             self._t_layer[i] = time.perf_counter()
 
@@ -129,9 +127,7 @@ class StreamedModel:
             return
         start = self._t_layer.pop(i)
         if self.device.type == "cuda":
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.stats._pending.append(("compute_s", start, e))
+            start()
         else:
             self.stats.compute_s += time.perf_counter() - start
 

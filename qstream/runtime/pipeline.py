@@ -60,6 +60,20 @@ def read_into(path: Path, header: Header, buf: torch.Tensor, *, cold: bool = Fal
         raise ShardError(f"missing shard file {path}; run `qstream verify {path.parent}`") from None
 
 
+class EventPool:
+    """Timing events made once and reused: creating CUDA events in the hot loop costs more
+    than what they measure. When the pool runs out, pending pairs are resolved (one sync)."""
+
+    def __init__(self, n: int = 4096):
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        self.i = 0
+
+    def take(self) -> torch.cuda.Event:
+        e = self.events[self.i]
+        self.i += 1
+        return e
+
+
 @dataclass
 class Stats:
     """Where the time went. Seconds are sums over the run; stall is compute waiting for data."""
@@ -75,14 +89,33 @@ class Stats:
     forwards: int = 0
     layer_visits: int = 0
     _pending: list = field(default_factory=list, repr=False)  # (kind, start_event, end_event)
+    _pool: EventPool | None = field(default=None, repr=False)
+
+    def event(self) -> torch.cuda.Event:
+        """A recorded-later timing event from the pool (resolving pending pairs when it runs dry)."""
+        if self._pool is None or self._pool.i >= len(self._pool.events):
+            self.resolve()
+            # a fresh pool: events of timers still open belong to the old one and stay valid
+            self._pool = EventPool()
+        return self._pool.take()
+
+    def timed(self, kind: str, stream=None):
+        """Record a start event now; returns a function that records the end event."""
+        a = self.event()
+        a.record(stream) if stream is not None else a.record()
+
+        def done() -> None:
+            b = self.event()
+            b.record(stream) if stream is not None else b.record()
+            self._pending.append((kind, a, b))
+        return done
 
     def resolve(self) -> None:
-        if not self._pending:
-            return
-        torch.cuda.synchronize()
-        for kind, a, b in self._pending:
-            setattr(self, kind, getattr(self, kind) + a.elapsed_time(b) / 1000)
-        self._pending.clear()
+        if self._pending:
+            torch.cuda.synchronize()
+            for kind, a, b in self._pending:
+                setattr(self, kind, getattr(self, kind) + a.elapsed_time(b) / 1000)
+            self._pending.clear()
 
     def as_dict(self) -> dict:
         self.resolve()
@@ -220,13 +253,10 @@ class Pipeline:
         else:
             src = self.host[layer]
         with torch.cuda.stream(s):
-            if self.profile:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record(s)
+            done = self.stats.timed("copy_s", s) if self.profile else None
             self.slot_bufs[k][:n].copy_(src[:n], non_blocking=True)
-            if self.profile:
-                b.record(s)
-                self.stats._pending.append(("copy_s", a, b))
+            if done:
+                done()
             self.copy_done[k].record(s)
         self.stats.bytes_copied += n
         if layer in self.disk:
@@ -267,13 +297,10 @@ class Pipeline:
         if self.cuda:
             k = g % self.nslots
             cur = torch.cuda.current_stream(self.device)
-            if self.profile:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record(cur)
+            done = self.stats.timed("stall_s", cur) if self.profile else None
             cur.wait_event(self.copy_done[k])
-            if self.profile:
-                b.record(cur)
-                self.stats._pending.append(("stall_s", a, b))
+            if done:
+                done()
             key = (layer, k)
             if key not in self._views:
                 self._views[key] = views(self.slot_bufs[k], hdr)

@@ -41,12 +41,10 @@ class QLinear(nn.Module):
             if y is not None:
                 return y
         st = self.stats
-        if st is not None and x.is_cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
+        if st is not None and x.is_cuda and self.scheme.quantized:
+            done = st.timed("dequant_s")
             w = self.weight_dense()
-            b.record()
-            st._pending.append(("dequant_s", a, b))
+            done()
         else:
             w = self.weight_dense()
         return F.linear(x, w, self.bias_t)  # [..., out]
