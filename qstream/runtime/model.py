@@ -131,6 +131,19 @@ class StreamedModel:
         else:
             self.stats.compute_s += time.perf_counter() - start
 
+    def set_profile(self, on: bool) -> None:
+        """Turn the timing breakdown on or off (CUDA events cost a little on the hot path)."""
+        self.profile = on
+        if self.pipeline is not None:
+            self.pipeline.profile = on
+        for m in self.hf.modules():
+            if isinstance(m, QLinear):
+                m.stats = self.stats if on else None
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._install_hooks()
+
     # -- running -------------------------------------------------------------------
     def new_cache(self):
         from transformers import DynamicCache
