@@ -108,13 +108,11 @@ def _hf_dir_source(d: Path) -> Source:
         config = AutoConfig.from_pretrained(d)
     except (ValueError, OSError) as e:
         raise SourceError(f"{d}/config.json: {e}") from None
-    handles: dict[str, Any] = {}
-
     def read(name: str) -> torch.Tensor:
-        fname = weight_map[name]
-        if fname not in handles:
-            handles[fname] = safe_open(d / fname, framework="pt")
-        return handles[fname].get_tensor(name)
+        # open per read: safe_open maps the whole file, and pages left mapped would count as
+        # resident memory until the end; closing after each tensor keeps RSS near one unit
+        with safe_open(d / weight_map[name], framework="pt") as f:
+            return f.get_tensor(name)
 
     def save_tokenizer(out: Path) -> list[str]:
         import shutil
