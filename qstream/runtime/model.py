@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import BudgetError, QstreamError, ShardError
 from ..manifest import FileEntry, Header, Manifest, read_header, read_manifest
@@ -319,7 +320,8 @@ def _fixed_bytes(hf, manifest: Manifest, head: FileEntry, dtype: torch.dtype, ma
 
 def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_memory: str | int | None = None,
          host_memory: str | int | None = "auto", max_batch: int = 1, max_seq: int | None = None, prefill_chunk: int = 512,
-         max_slots: int = 4, profile: bool = True, verify: bool = False, cold_disk: bool = False) -> StreamedModel:
+         max_slots: int = 4, profile: bool = True, verify: bool = False, cold_disk: bool = False,
+         progress: bool = True) -> StreamedModel:
     """Open a shard directory for inference.
 
     gpu_memory: budget on the compute device ("4GiB"; None = unlimited) covering weights,
@@ -394,16 +396,20 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
                       max_slots=max_slots)
     log.info("%s", plan.describe())
 
-    # resident layers: read once, keep on the device for good
-    for i in plan.resident:
-        buf = torch.empty(headers[i].data_size, dtype=torch.uint8)
-        read_into(manifest.path(layer_entries[i]), headers[i], buf)
-        _bind_static(bindings[i], views(buf.to(dev), headers[i]))
+    # resident layers: read once, keep on the device for good; host-tier layers: read into (pinned) RAM
     host_layers = {}
-    for i in plan.host:
-        buf = torch.empty(headers[i].data_size, dtype=torch.uint8, pin_memory=dev.type == "cuda")
-        read_into(manifest.path(layer_entries[i]), headers[i], buf)
-        host_layers[i] = buf
+    todo = sorted(plan.resident + plan.host)
+    total = sum(headers[i].data_size for i in todo)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="load", disable=not progress or total < 256 << 20) as bar:
+        for i in todo:
+            pinned = dev.type == "cuda" and i in plan.host
+            buf = torch.empty(headers[i].data_size, dtype=torch.uint8, pin_memory=pinned)
+            read_into(manifest.path(layer_entries[i]), headers[i], buf)
+            if i in plan.host:
+                host_layers[i] = buf
+            else:
+                _bind_static(bindings[i], views(buf.to(dev), headers[i]))
+            bar.update(headers[i].data_size)
     pipeline = None
     if plan.streamed:
         pipeline = Pipeline(device=dev, streamed=list(plan.streamed), host_layers=host_layers, disk_layers=list(plan.disk),
