@@ -78,19 +78,24 @@ def _check_type(where: str, value: Any, typ: type) -> None:
         raise RecipeError(f"{where}: expected {typ.__name__}, got {type(value).__name__} ({value!r})")
 
 
+def _check_fields(where: str, data: dict, allowed: dict[str, type], required: tuple[str, ...]) -> None:
+    """Unknown, missing and mistyped fields of one mapping, named in the error."""
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise RecipeError(f"{where}: unknown field {unknown[0]!r}; allowed fields: {', '.join(allowed)}")
+    for key in required:
+        if key not in data:
+            raise RecipeError(f"{where}: missing required field {key!r}")
+    for key, typ in allowed.items():
+        if key in data:
+            _check_type(f"{where}: field {key!r}", data[key], typ)
+
+
 def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     """Validate a recipe mapping. Every problem is a RecipeError naming the field."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: expected a mapping of recipe fields, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(_TOP_KEYS))
-    if unknown:
-        raise RecipeError(f"{source}: unknown field {unknown[0]!r}; allowed fields: {', '.join(_TOP_KEYS)}")
-    for key in ("model", "output"):
-        if key not in data:
-            raise RecipeError(f"{source}: missing required field {key!r}")
-    for key, typ in _TOP_KEYS.items():
-        if key in data:
-            _check_type(f"{source}: field {key!r}", data[key], typ)
+    _check_fields(source, data, _TOP_KEYS, ("model", "output"))
     scheme = data.get("scheme", "nf4")
     block_size = data.get("block_size", 64)
     if scheme not in SCHEMES:
@@ -104,15 +109,7 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
         where = f"{source}: overrides[{i}]"
         if not isinstance(o, dict):
             raise RecipeError(f"{where}: expected a mapping with 'pattern' and 'scheme'")
-        bad = sorted(set(o) - set(_OVERRIDE_KEYS))
-        if bad:
-            raise RecipeError(f"{where}: unknown field {bad[0]!r}; allowed: {', '.join(_OVERRIDE_KEYS)}")
-        for key in ("pattern", "scheme"):
-            if key not in o:
-                raise RecipeError(f"{where}: missing required field {key!r}")
-        for key, typ in _OVERRIDE_KEYS.items():
-            if key in o:
-                _check_type(f"{where}.{key}", o[key], typ)
+        _check_fields(where, o, _OVERRIDE_KEYS, ("pattern", "scheme"))
         if o["scheme"] not in SCHEMES:
             raise RecipeError(f"{where}.scheme: unknown scheme {o['scheme']!r}; choose one of {', '.join(SCHEMES)}")
         bs = o.get("block_size", block_size)

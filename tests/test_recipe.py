@@ -33,7 +33,7 @@ def test_defaults_and_first_match_wins():
     ({"model": "m", "output": "o", "compute_dtype": "fp8"}, "compute_dtype"),
     ({"model": "m", "output": "o", "overrides": [{"pattern": "x"}]}, r"overrides\[0\]: missing required field 'scheme'"),
     ({"model": "m", "output": "o", "overrides": [{"pattern": "x", "scheme": "nf4", "bits": 4}]}, r"overrides\[0\]: unknown field 'bits'"),
-    ({"model": "m", "output": "o", "overrides": [{"pattern": "x", "scheme": "int8", "block_size": 32}]}, r"overrides\[0\].block_size"),
+    ({"model": "m", "output": "o", "overrides": [{"pattern": "x", "scheme": "int8", "block_size": 32}]}, r"overrides\[0\].block_size: block size 32"),
     ({"model": "m", "output": "o", "overrides": "lm_head"}, "field 'overrides': expected list"),
     (["model", "m"], "expected a mapping"),
 ])

@@ -87,11 +87,7 @@ class StreamedModel:
 
     # -- binding -----------------------------------------------------------------
     def _bind(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
-        b = self.bindings[layer]
-        for q, keys, bias_key in b.qlinears:
-            q.bind({suffix: tensors[key] for suffix, key in keys.items()}, tensors[bias_key] if bias_key else None)
-        for module, attr, key in b.params:
-            module._parameters[attr] = nn.Parameter(tensors[key], requires_grad=False)
+        _binding_apply(self.bindings[layer], tensors)
 
     def _install_hooks(self) -> None:
         streamed = set(self.plan.streamed)
@@ -249,16 +245,24 @@ class StreamedModel:
 
 
 # ---------------------------------------------------------------------------------
-def _skeleton(manifest: Manifest, dtype: torch.dtype):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def hf_config(manifest: Manifest):
+    """The transformers config of a shard directory, with the head untied (shard.py stores it on its own)."""
+    from transformers import AutoConfig
 
     cfg = dict(manifest.config)
     model_type = cfg.pop("model_type")
     for k in ("transformers_version", "_name_or_path", "architectures"):
         cfg.pop(k, None)
     config = AutoConfig.for_model(model_type, **cfg)
-    config.tie_word_embeddings = False  # the head is stored on its own (see shard.py)
+    config.tie_word_embeddings = False
+    return config
+
+
+def _skeleton(manifest: Manifest, dtype: torch.dtype):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(manifest)
     with init_empty_weights(include_buffers=False):
         hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
     hf.eval()
@@ -408,7 +412,7 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
             if i in plan.host:
                 host_layers[i] = buf
             else:
-                _bind_static(bindings[i], views(buf.to(dev), headers[i]))
+                _binding_apply(bindings[i], views(buf.to(dev), headers[i]))
             bar.update(headers[i].data_size)
     pipeline = None
     if plan.streamed:
@@ -422,10 +426,6 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
 def getattr_cfg(manifest: Manifest, key: str, default):
     v = manifest.config.get(key)
     return default if v is None else v
-
-
-def _bind_static(b: _Binding, tensors: dict[str, torch.Tensor]) -> None:
-    _binding_apply(b, tensors)
 
 
 def _binding_apply(b: _Binding, tensors: dict[str, torch.Tensor]) -> None:

@@ -26,16 +26,13 @@ def dense_state_dict(path: str | Path, *, dtype: torch.dtype | None = None) -> d
 
 def dense_twin(path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu"):
     """A transformers AutoModelForCausalLM holding the dequantized shard weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from .model import hf_config
 
     m = read_manifest(path)
     dtype = dtype or DTYPES[m.compute_dtype]
-    cfg = dict(m.config)
-    model_type = cfg.pop("model_type")
-    for k in ("transformers_version", "_name_or_path", "architectures"):
-        cfg.pop(k, None)
-    config = AutoConfig.for_model(model_type, **cfg)
-    config.tie_word_embeddings = False
+    config = hf_config(m)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     sd = dense_state_dict(path, dtype=dtype)
