@@ -69,7 +69,7 @@ def spread(n: int, total: int) -> list[int]:
 
 
 def plan_tiers(layer_bytes: list[int], *, fixed_bytes: int, budget: int | None, host_budget: int | None,
-               max_slots: int = 4, min_slots: int = 2) -> TierPlan:
+               max_slots: int = 4, min_slots: int = 2, preferred_slots: int = 3) -> TierPlan:
     n = len(layer_bytes)
     if budget is None or fixed_bytes + sum(layer_bytes) <= budget:
         return TierPlan(tuple(range(n)), (), (), 0, 0, fixed_bytes, budget, host_budget)
@@ -81,15 +81,10 @@ def plan_tiers(layer_bytes: list[int], *, fixed_bytes: int, budget: int | None, 
             f"{minimum / 2**30:.2f} GiB ({fixed_bytes / 2**20:.0f} MiB fixed + {min_slots} x {biggest / 2**20:.0f} MiB "
             f"layer slots); raise --gpu-memory or shard with a smaller scheme")
     left = budget - fixed_bytes
-    slots = min(max_slots, left // biggest, n)
-    # trade staging slots for resident layers only down to min_slots
-    best = None
-    for s in range(slots, min_slots - 1, -1):
-        room = left - s * biggest
-        k = _fit_count(layer_bytes, room)
-        if best is None or k > best[1] + 1:  # a slot is worth more than one resident layer
-            best = (s, k)
-    s, k = best
+    # three staging slots keep two layers in flight while one computes (prefetch depth 2);
+    # a tight budget falls back to two (depth 1) rather than refusing to run
+    s = max(min_slots, min(preferred_slots, max_slots, left // biggest, n))
+    k = _fit_count(layer_bytes, left - s * biggest)
     resident = set(_fit_layers(layer_bytes, left - s * biggest, k))
     streamed = [i for i in range(n) if i not in resident]
     host, disk, used = [], [], 0
