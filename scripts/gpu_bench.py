@@ -270,13 +270,13 @@ def report(row_files: list[Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if "error" not in r]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5))
+    fig, ax = plt.subplots(figsize=(13, 0.45 * len(ok) + 1.5))
     colors = {"qstream": "tab:green", "airllm": "tab:red", "accelerate": "tab:orange", "transformers": "tab:blue"}
     ax.barh([r["name"] for r in ok], [r["decode_s_per_token"] for r in ok], color=[colors.get(r.get("system"), "grey") for r in ok])
     ax.set_xscale("log")
-    ax.set_xlabel("decode seconds per token (log scale, lower is better)")
+    ax.set_xlabel("decode s/token, log scale (lower is better)")
     ax.invert_yaxis()
-    ax.set_title(f"Llama-3-shaped models on {machine.get('gpu', 'GPU')}, batch 1 unless stated")
+    ax.set_title(f"Llama-3 shapes on {machine.get('gpu', 'GPU')}")
     fig.tight_layout()
     fig.savefig(out / "speed.png", dpi=120)
     print((out / "README.md").read_text())
