@@ -184,6 +184,13 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     return out
 
 
+def _corpus_windows(n_tokens: int, context: int, stride: int, limit: int | None) -> list[Window]:
+    windows = sliding_windows(n_tokens, context, stride)
+    if not windows:
+        raise EvalError(f"the corpus has {n_tokens} token(s): perplexity needs at least 2")
+    return windows if limit is None else windows[:limit]
+
+
 def check_window_args(context: int, stride: int, max_positions: int | None, *, where: str = "") -> None:
     if context < 2:
         raise EvalError(f"--context {context}: need at least 2 tokens (one to predict from, one to score)")
@@ -277,11 +284,7 @@ def perplexity(model_or_dir, data, *, context: int = 2048, stride: int | None = 
 
             tokenizer = load_tokenizer(model_or_dir.manifest.root)
     ids = tokenize_corpus(data, tokenizer)
-    windows = sliding_windows(len(ids), context, stride)
-    if not windows:
-        raise EvalError(f"the corpus has {len(ids)} token(s): perplexity needs at least 2")
-    if limit is not None:
-        windows = windows[:limit]
+    windows = _corpus_windows(len(ids), context, stride, limit)
     if own:
         from .runtime.model import load
 
@@ -380,11 +383,7 @@ def perplexity_reference(hf_model, data, *, context: int, stride: int | None = N
     stride = context if stride is None else stride
     check_window_args(context, stride, _max_positions(hf_model.config))
     ids = tokenize_corpus(data, tokenizer)
-    windows = sliding_windows(len(ids), context, stride)
-    if not windows:
-        raise EvalError(f"the corpus has {len(ids)} token(s): perplexity needs at least 2")
-    if limit is not None:
-        windows = windows[:limit]
+    windows = _corpus_windows(len(ids), context, stride, limit)
     dev = next(hf_model.parameters()).device
     nll, count = 0.0, 0
     t0 = time.perf_counter()
