@@ -216,7 +216,6 @@ class Pipeline:
         if disk_order:
             self.reader = DiskReader(disk_order, paths, headers, max(2, slots), slot_bytes, pin=self.cuda, stats=stats,
                                      cold=cold)
-        self._disk_g: dict[int, int] = {}  # global streamed index -> global disk index
         self.disk_cycle = len(disk_order)
         if self.cuda:
             self.slot_bufs = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
