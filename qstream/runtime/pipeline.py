@@ -336,10 +336,3 @@ class Pipeline:
         if self.reader is not None:
             self.reader.close()
             self.reader = None
-
-
-def total_bytes(headers: dict[int, Header]) -> int:
-    return sum(h.data_size for h in headers.values())
-
-
-
