@@ -106,6 +106,68 @@ def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig = Samplin
                         tokenizer=tokenizer, on_text=on_text)
 
 
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """Run the prompt [B, T] (left-padded, ``mask`` [B, T]) into ``cache``, ``chunk`` tokens at
+    a time; position ids skip the left padding. Returns the last position's logits [B, V]."""
+    T = ids.shape[1]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+    logits = None
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        logits = model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos[:, s:e], past_key_values=cache,
+                       cache_position=torch.arange(s, e), logits_to_keep=1)
+    return logits[:, -1]
+
+
+def decode_one_token(model, tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+    """One step: tokens [B] at positions ``pos`` [B]; ``mask`` [B, L] already covers them.
+    Returns logits [B, V]."""
+    B = tok.shape[0]
+    return model(tok.view(B, 1), attention_mask=mask, position_ids=pos.view(B, 1), past_key_values=cache,
+                 cache_position=torch.tensor([mask.shape[1] - 1]), logits_to_keep=1)[:, -1]
+
+
+class _Outputs:
+    """Per-sequence bookkeeping of the loop: tokens, EOS, stop strings, streamed text."""
+
+    def __init__(self, B: int, cfg: SamplingConfig, eos: set[int], tokenizer, on_text):
+        self.cfg, self.eos, self.tok, self.on_text = cfg, eos, tokenizer, on_text
+        self.tokens: list[list[int]] = [[] for _ in range(B)]
+        self.done = [False] * B
+        self.shown = [""] * B
+        self.finals: list[str | None] = [None] * B
+
+    def add(self, next_tok: torch.Tensor) -> bool:
+        """Record one token per sequence; True when every sequence is done."""
+        for b, t in enumerate(next_tok.tolist()):
+            if self.done[b]:
+                continue
+            if t in self.eos:
+                self.done[b] = True
+                continue
+            self.tokens[b].append(t)
+            if self.tok is not None and (self.cfg.stop or self.on_text is not None):
+                self._text(b)
+            if len(self.tokens[b]) >= self.cfg.max_new_tokens:
+                self.done[b] = True
+        return all(self.done)
+
+    def _text(self, b: int) -> None:
+        text = self.tok.decode(self.tokens[b], skip_special_tokens=True)
+        hit = next((text.index(st) for st in self.cfg.stop if st in text), None)
+        if hit is not None:
+            text, self.done[b] = text[:hit], True
+            self.finals[b] = text
+        if self.on_text is not None and len(text) > len(self.shown[b]) and text.startswith(self.shown[b]):
+            self.on_text(b, text[len(self.shown[b]):])
+            self.shown[b] = text
+
+    def texts(self) -> list[str]:
+        if self.tok is None:
+            return [""] * len(self.tokens)
+        return [f if f is not None else self.tok.decode(t, skip_special_tokens=True) for f, t in zip(self.finals, self.tokens)]
+
+
 @torch.inference_mode()
 def generate_ids(model, ids: torch.Tensor, mask: torch.Tensor, cfg: SamplingConfig, *, eos: set[int] = frozenset(),
                  tokenizer=None, on_text: Callable[[int, str], None] | None = None) -> GenerationResult:
@@ -119,58 +181,21 @@ def generate_ids(model, ids: torch.Tensor, mask: torch.Tensor, cfg: SamplingConf
         torch.cuda.reset_peak_memory_stats(dev)
     model.reset_timing()
 
-    # prefill, chunk by chunk; position ids skip the left padding
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
     t0 = time.perf_counter()
-    logits = None
-    for s in range(0, T, cfg.prefill_chunk):
-        e = min(s + cfg.prefill_chunk, T)
-        logits = model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos[:, s:e], past_key_values=cache,
-                       cache_position=torch.arange(s, e), logits_to_keep=1)
-    next_tok = sample(logits[:, -1], cfg, gen).cpu()  # [B]; .cpu() waits for the device
+    next_tok = sample(prefill(model, ids, mask, cache, cfg.prefill_chunk), cfg, gen).cpu()  # .cpu() waits for the device
     prefill_s = time.perf_counter() - t0
     prefill_timing = model.timing()
     model.reset_timing()
 
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    shown = [""] * B
-    finals: list[str | None] = [None] * B
+    out = _Outputs(B, cfg, eos, tokenizer, on_text)
     steps = 0
     t1 = time.perf_counter()
-    cur_pos = pos[:, -1]
-    while True:
-        for b in range(B):
-            if done[b]:
-                continue
-            tok = int(next_tok[b])
-            if tok in eos:
-                done[b] = True
-                continue
-            out[b].append(tok)
-            if tokenizer is not None and (cfg.stop or on_text is not None):
-                text = tokenizer.decode(out[b], skip_special_tokens=True)
-                hit = next((text.index(st) for st in cfg.stop if st in text), None)
-                if hit is not None:
-                    text, done[b] = text[:hit], True
-                    finals[b] = text
-                if on_text is not None and len(text) > len(shown[b]) and text.startswith(shown[b]):
-                    on_text(b, text[len(shown[b]):])
-                    shown[b] = text
-            if len(out[b]) >= cfg.max_new_tokens:
-                done[b] = True
-        if all(done):
-            break
+    pos = (mask.sum(-1) - 1).clamp(min=0)  # [B]: position of each sequence's last token
+    while not out.add(next_tok):
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
-        cur_pos = cur_pos + 1
-        logits = model(next_tok.view(B, 1), attention_mask=mask, position_ids=cur_pos.view(B, 1), past_key_values=cache,
-                       cache_position=torch.tensor([mask.shape[1] - 1]), logits_to_keep=1)
-        next_tok = sample(logits[:, -1], cfg, gen).cpu()
+        pos = pos + 1
+        next_tok = sample(decode_one_token(model, next_tok, mask, pos, cache), cfg, gen).cpu()
         steps += 1
     decode_s = time.perf_counter() - t1
-    if tokenizer is not None:
-        texts = [finals[b] if finals[b] is not None else tokenizer.decode(out[b], skip_special_tokens=True) for b in range(B)]
-    else:
-        texts = [""] * B
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-    return GenerationResult(texts, out, T, prefill_s, decode_s, steps, peak, model.timing(), prefill_timing)
+    return GenerationResult(out.texts(), out.tokens, T, prefill_s, decode_s, steps, peak, model.timing(), prefill_timing)

@@ -23,10 +23,10 @@ from typing import Any
 
 import yaml
 
+from .dtypes import COMPUTE_DTYPES
 from .errors import RecipeError
 from .quant import SCHEMES, QuantSpec, check_spec, get_scheme
 
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 _TOP_KEYS = {"model": str, "output": str, "scheme": str, "block_size": int, "compute_dtype": str, "overrides": list, "description": str}
 _OVERRIDE_KEYS = {"pattern": str, "scheme": str, "block_size": int}
 

@@ -11,21 +11,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from . import __version__
+from .dtypes import DTYPES, KEEP_SCHEME
 from .errors import ShardError
-from .manifest import FORMAT, JOURNAL, MANIFEST, VERSION, FileEntry, atomic_write_bytes, atomic_write_json, safe_member, sha256_file
-from .quant import DTYPES, QuantSpec, get_scheme, quantize
+from .quant import QuantSpec, get_scheme, quantize
 from .recipe import Recipe
-from .source import Source, open_source, split_units
+from .source import open_source, split_units
+from .store.files import atomic_write_bytes, safe_member, sha256_file
+from .store.manifest import JOURNAL, MANIFEST, FileEntry, manifest_files, read_owner, write_journal, write_manifest
+from .store.tensors import pack_stored, save_bytes
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def is_quantizable(name: str, shape: torch.Size, unit: str) -> bool:
 
 def plan_specs(recipe: Recipe, names: list[str], units: dict[str, list[str]], shapes: dict[str, torch.Size]) -> dict[str, QuantSpec]:
     """The storage spec of every tensor; warns about override patterns that match nothing."""
-    keep = QuantSpec({"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[recipe.compute_dtype])
+    keep = QuantSpec(KEEP_SCHEME[recipe.compute_dtype])
     specs: dict[str, QuantSpec] = {}
     used: set[str] = set()
     for unit, members in units.items():
@@ -76,20 +78,8 @@ def _check_output(out: Path, fingerprint: str, *, force: bool) -> dict:
         raise ShardError(f"output {out} exists and is not a directory")
     if not out.exists():
         return {}
-    journal: dict = {}
-    owner = None
-    if (out / MANIFEST).is_file():
-        try:
-            owner = json.loads((out / MANIFEST).read_text()).get("fingerprint")
-        except json.JSONDecodeError:
-            owner = "unreadable"
-    elif (out / JOURNAL).is_file():
-        try:
-            journal = json.loads((out / JOURNAL).read_text())
-            owner = journal.get("fingerprint")
-        except json.JSONDecodeError:
-            journal, owner = {}, None
-    elif any(p for p in out.iterdir() if not p.name.startswith(".")):
+    owner, journal = read_owner(out)
+    if owner is None and any(p for p in out.iterdir() if not p.name.startswith(".")):
         if not force:
             raise ShardError(f"output {out} is not empty and holds no qstream shards; choose another output or pass --force")
     if owner is not None and owner != fingerprint:
@@ -103,8 +93,7 @@ def _check_output(out: Path, fingerprint: str, *, force: bool) -> dict:
         return {}
     if owner == fingerprint and (out / MANIFEST).is_file():
         # complete already: rebuild the journal from the manifest so every file is checked and skipped
-        m = json.loads((out / MANIFEST).read_text())
-        journal = {"fingerprint": fingerprint, "files": {f["name"]: f for f in m["files"]}}
+        journal = {"fingerprint": fingerprint, "files": manifest_files(out)}
     return journal
 
 
@@ -116,52 +105,41 @@ def shard(recipe: Recipe, *, output: Path | None = None, force: bool = False, de
     source = open_source(recipe.model)
     prefix, units = split_units(source.names)
     shapes = dict(source.shapes)
+    read_as = {n: n for n in source.names}  # stored name -> source tensor it is made from
     tied = bool(getattr(source.config, "tie_word_embeddings", False)) and not any(n.startswith("lm_head") for n in source.names)
     if tied:
         # the runtime keeps the head on the accelerator and the embeddings on the host: store the head on its own
         embed_name = next(n for n in units["embed"] if n.endswith("embed_tokens.weight") or n.endswith("wte.weight"))
         units["head"].append("lm_head.weight")
         shapes["lm_head.weight"] = shapes[embed_name]
+        read_as["lm_head.weight"] = embed_name
     specs = plan_specs(recipe, source.names, units, shapes)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    compute_dtype = DTYPES[recipe.compute_dtype]
 
     out.mkdir(parents=True, exist_ok=True)
     done = dict(journal.get("files", {}))
     journal = {"fingerprint": fingerprint, "files": done}
     t0 = time.perf_counter()
-    written = resumed = 0
+    written = resumed = moved = 0
     entries: list[FileEntry] = []
-    compute_dtype = DTYPES[recipe.compute_dtype]
     bar = tqdm(total=len(units), desc=f"shard {out.name}", unit="file", disable=not progress)
-    moved = 0
     for unit, members in units.items():
         fname = f"{unit}.safetensors"
         path = safe_member(out, fname)
-        prev = done.get(fname)
-        if prev and path.is_file() and path.stat().st_size == prev["size"] and sha256_file(path) == prev["sha256"]:
-            entries.append(FileEntry.from_dict(prev))
+        if _intact(path, done.get(fname)):
+            entries.append(FileEntry.from_dict(done[fname]))
             resumed += 1
             bar.update(1)
             continue
-        tensors: dict[str, torch.Tensor] = {}
-        metas: dict[str, dict] = {}
+        tensors, metas = {}, {}
         for n in members:
-            w = source.read(embed_name if (tied and n == "lm_head.weight") else n)
+            w = source.read(read_as[n])
             moved += w.numel() * w.element_size()
-            spec = specs[n]
-            if get_scheme(spec.scheme).quantized:
-                packed, meta = quantize(w.to(dev), spec)
-            else:
-                packed, meta = quantize(w.to(compute_dtype) if w.is_floating_point() else w, spec)
-            stored = {}
-            for suffix, t in packed.items():
-                key = n if not suffix else f"{n}.{suffix}"
-                tensors[key] = t.contiguous().cpu()
-                stored[suffix or "data"] = key
-            meta["stored"] = stored
-            metas[n] = meta
-            del w, packed
-        data = st_save(tensors, metadata={"qstream": json.dumps(metas, sort_keys=True)})
+            keyed, metas[n] = _store_tensor(n, w, specs[n], dev, compute_dtype)
+            tensors.update(keyed)
+            del w
+        data = save_bytes(tensors, {"qstream": json.dumps(metas, sort_keys=True)})
         del tensors
         atomic_write_bytes(path, data)
         kind, index = ("layer", int(unit.split("_")[1])) if unit.startswith("layer_") else (unit, None)
@@ -169,48 +147,45 @@ def shard(recipe: Recipe, *, output: Path | None = None, force: bool = False, de
         del data
         entries.append(entry)
         done[fname] = entry.to_dict()
-        atomic_write_json(out / JOURNAL, journal)
+        write_journal(out, journal)
         written += 1
-        elapsed = time.perf_counter() - t0
-        bar.set_postfix_str(f"{moved / max(elapsed, 1e-9) / 1e6:.0f} MB/s")
+        bar.set_postfix_str(f"{moved / max(time.perf_counter() - t0, 1e-9) / 1e6:.0f} MB/s")
         bar.update(1)
     bar.close()
 
     tok_files = source.save_tokenizer(out)
-    for t in tok_files:
-        safe_member(out, t)
-    config = source.config.to_dict()
-    if not config.get("architectures"):
+    dense = sum(2 * math.prod(shapes[n]) for n in shapes)  # the same weights in 16 bits
+    write_manifest(out, version=__version__, fingerprint=fingerprint, source=source.description,
+                   config=_config_dict(source.config), recipe=recipe.to_dict(), compute_dtype=recipe.compute_dtype,
+                   layers_prefix=prefix, tied_head=tied, source_bytes=source.size_bytes, dense_bytes=dense, files=entries,
+                   tokenizer_files=tok_files)
+    seconds = time.perf_counter() - t0
+    log.info("sharded %s into %s: %d files written, %d resumed", source.description, out, written, resumed)
+    return ShardResult(out, source.size_bytes, dense, sum(e.size for e in entries), seconds, written, resumed)
+
+
+def _intact(path: Path, entry: dict | None) -> bool:
+    """A file an earlier run finished (journal or manifest entry) and that still matches it."""
+    return bool(entry) and path.is_file() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]
+
+
+def _store_tensor(name: str, w: torch.Tensor, spec: QuantSpec, dev: torch.device,
+                  compute_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+    """One source tensor -> the tensors to store under their file keys, and its metadata.
+    Quantized schemes run on ``dev`` (fast on CUDA); pass-through keeps floats in the compute dtype."""
+    if get_scheme(spec.scheme).quantized:
+        packed, meta = quantize(w.to(dev), spec)
+    else:
+        packed, meta = quantize(w.to(compute_dtype) if w.is_floating_point() else w, spec)
+    keyed, meta["stored"] = pack_stored(name, {k: t.contiguous().cpu() for k, t in packed.items()})
+    return keyed, meta
+
+
+def _config_dict(config) -> dict:
+    """The source's transformers config as JSON, with its architecture named (GGUF configs lack it)."""
+    d = config.to_dict()
+    if not d.get("architectures"):
         from transformers import AutoModelForCausalLM
 
-        config["architectures"] = [AutoModelForCausalLM._model_mapping[type(source.config)].__name__]
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "qstream_version": __version__,
-        "fingerprint": fingerprint,
-        "model": {"source": source.description, "architecture": (config.get("architectures") or [None])[0],
-                  "model_type": config.get("model_type"), "config": config},
-        "recipe": recipe.to_dict(),
-        "compute_dtype": recipe.compute_dtype,
-        "layers_prefix": prefix,
-        "num_layers": sum(1 for e in entries if e.kind == "layer"),
-        "tied_head": tied,
-        "source_bytes": source.size_bytes,
-        "dense_bytes": sum(_dense_bytes(shapes[n]) for n in shapes),
-        "files": [e.to_dict() for e in entries],
-        "tokenizer_files": tok_files,
-    }
-    atomic_write_json(out / MANIFEST, manifest)
-    (out / JOURNAL).unlink(missing_ok=True)
-    seconds = time.perf_counter() - t0
-    result = ShardResult(out, source.size_bytes, manifest["dense_bytes"], sum(e.size for e in entries), seconds, written, resumed)
-    log.info("sharded %s into %s: %d files written, %d resumed", source.description, out, written, resumed)
-    return result
-
-
-def _dense_bytes(shape: torch.Size) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return 2 * n
+        d["architectures"] = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
+    return d

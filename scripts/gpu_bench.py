@@ -61,7 +61,7 @@ def shard(src: Path, scheme: str, out: Path, overrides: list[dict]) -> Path:
 def qstream_row(name: str, shards: Path, **kw) -> dict:
     import torch
 
-    from qstream.bench import bench, format_bench
+    from qstream.eval.bench import bench, format_bench
 
     r = bench(shards, device="cuda", prompt_tokens=PROMPT, **kw)
     r["name"] = name

@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--gpu-memory", default=None)
     ap.add_argument("--trace")
     a = ap.parse_args()
-    from qstream.runtime.model import load
+    from qstream.runtime.build import load
     from qstream.runtime.qlinear import QLinear
 
     for profile in (True, False):

@@ -19,7 +19,7 @@ def main() -> None:
     ap.add_argument("--gpu-memory")
     ap.add_argument("--steps", type=int, default=24)
     a = ap.parse_args()
-    from qstream.runtime.model import load
+    from qstream.runtime.build import load
 
     m = load(a.dir, device="cuda", gpu_memory=a.gpu_memory, max_seq=160)
     print(m.plan.describe(), flush=True)

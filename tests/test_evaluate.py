@@ -13,8 +13,9 @@ import qstream
 from conftest import make_tiny, shard_to
 from qstream.cli import main
 from qstream.errors import EvalError
-from qstream.evaluate import (bnb_nf4_reference, bnb_nf4_round_trip, perplexity, perplexity_reference, sliding_windows,
-                              tokenize_corpus)
+from qstream.eval.data import sliding_windows, tokenize_corpus
+from qstream.eval.perplexity import perplexity, perplexity_reference
+from qstream.eval.reference import bnb_nf4_reference, bnb_nf4_round_trip
 from qstream.generate import load_tokenizer
 from qstream.runtime.twin import dense_twin
 
@@ -57,7 +58,7 @@ def tiny(tmp_path_factory):
 
 def _disk_budget(out, *, max_batch, max_seq):
     """A budget that streams every layer from disk."""
-    from qstream.manifest import read_header, read_manifest
+    from qstream.store import read_header, read_manifest
 
     probe = qstream.load(out, device="cpu", max_batch=max_batch, max_seq=max_seq, progress=False)
     fixed = probe.plan.fixed_bytes
@@ -294,7 +295,7 @@ def _manual_loglik(twin, tok, ctx: str, cont: str) -> tuple[float, bool]:
 
 @pytest.mark.parametrize("budget", ["resident", "disk"])
 def test_loglikelihood_matches_the_dense_twin(tiny, budget):
-    from qstream.evaluate import register_lm_eval
+    from qstream.eval.harness import register_lm_eval
 
     out = tiny["nf4"]
     tok = load_tokenizer(out)
@@ -331,7 +332,7 @@ def test_loglikelihood_matches_the_dense_twin(tiny, budget):
 
 
 def test_generate_until_stops_and_matches_greedy(tiny):
-    from qstream.evaluate import register_lm_eval
+    from qstream.eval.harness import register_lm_eval
 
     out = tiny["fp32"]
     tok = load_tokenizer(out)
@@ -354,7 +355,7 @@ def test_generate_until_stops_and_matches_greedy(tiny):
 
 
 def test_python_m_entry_runs_lm_eval_cli_with_qstream_model(tiny, tmp_path, monkeypatch):
-    from qstream.evaluate import lm_eval_main
+    from qstream.eval.harness import lm_eval_main
 
     monkeypatch.setattr("sys.argv", ["x"])
     lm_eval_main(["--model", "qstream", "--model_args", f"path={tiny['fp32']},device=cpu,batch_size=4",

@@ -34,7 +34,7 @@ def test_streamed_cuda_matches_dense_twin(tmp_path, scheme, budget, host):
 
 
 def _headers(out):
-    from qstream.manifest import read_header, read_manifest
+    from qstream.store import read_header, read_manifest
 
     m = read_manifest(out)
     return [read_header(m.path(e)) for e in m.files if e.kind == "layer"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from qstream.cli import main
-from qstream.report import write_report
+from qstream.eval.report import write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 DATA = {"source": "file:eval/data/sample.txt", "chars": 1000, "sha256": "x"}

@@ -15,7 +15,7 @@ from qstream.runtime.twin import dense_twin
 
 
 def _layer_bytes(out):
-    from qstream.manifest import read_header, read_manifest
+    from qstream.store import read_header, read_manifest
 
     m = read_manifest(out)
     return max(read_header(m.path(e)).data_size for e in m.files if e.kind == "layer")

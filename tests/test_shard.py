@@ -15,7 +15,7 @@ from safetensors import safe_open
 from conftest import make_tiny, write_recipe
 from qstream.cli import main
 from qstream.errors import ShardError
-from qstream.manifest import read_manifest
+from qstream.store import read_manifest
 from qstream.recipe import parse_recipe
 from qstream.shard import shard
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dtypes import DTYPE_NAMES, DTYPES
 from ..errors import RecipeError
 from .base import Scheme
 from .bnb4 import FourBit
@@ -31,14 +32,6 @@ SCHEMES: dict[str, Scheme] = {
     "fp32": PassThrough("fp32", torch.float32),
 }
 
-DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass(frozen=True)

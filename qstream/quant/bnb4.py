@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from ..dtypes import DTYPE_NAMES
+
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -31,8 +33,6 @@ class FourBit:
 
     def quantize(self, w: torch.Tensor, block_size: int | None) -> tuple[dict[str, torch.Tensor], dict]:
         import bitsandbytes.functional as F
-
-        from . import DTYPE_NAMES
 
         src = w if w.dtype in (torch.float16, torch.bfloat16, torch.float32) else w.float()
         packed, state = F.quantize_4bit(

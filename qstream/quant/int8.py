@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from ..dtypes import DTYPE_NAMES
+
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -26,8 +28,6 @@ class Int8Blockwise:
 
     def quantize(self, w: torch.Tensor, block_size: int | None) -> tuple[dict[str, torch.Tensor], dict]:
         import bitsandbytes.functional as F
-
-        from . import DTYPE_NAMES
 
         q, state = F.quantize_blockwise(w.float().contiguous(), code=_code(w.device), blocksize=block_size)
         meta = {"scheme": "int8", "shape": list(w.shape), "dtype": DTYPE_NAMES[w.dtype], "block_size": block_size}

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import DTYPE_NAMES
+
 
 class PassThrough:
     """Store the tensor in a plain float dtype (a cast, no blocks)."""
@@ -14,8 +16,6 @@ class PassThrough:
         self.dtype = dtype
 
     def quantize(self, w: torch.Tensor, block_size: int | None) -> tuple[dict[str, torch.Tensor], dict]:
-        from . import DTYPE_NAMES
-
         out = w.to(self.dtype).contiguous()
         return {"": out}, {"scheme": self.name, "shape": list(w.shape), "dtype": DTYPE_NAMES[w.dtype]}
 

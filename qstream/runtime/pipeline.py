@@ -11,122 +11,17 @@ so the host thread never waits for the GPU. Buffers are allocated once.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import ShardError
-from ..manifest import Header
+from ..store.tensors import Header, read_into, views
+from .stats import Stats
 
 log = logging.getLogger(__name__)
-
-ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8, "I8": torch.int8,
-             "I32": torch.int32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool, "I16": torch.int16}
-
-
-def views(buf: torch.Tensor, header: Header) -> dict[str, torch.Tensor]:
-    """Typed views of a layer's tensors inside a flat uint8 buffer holding its data section.
-    safetensors orders tensors by alignment, so every view is aligned."""
-    out = {}
-    for name, s in header.tensors.items():
-        out[name] = buf[s.start:s.end].view(ST_DTYPES[s.dtype]).view(s.shape)
-    return out
-
-
-def read_into(path: Path, header: Header, buf: torch.Tensor, *, cold: bool = False) -> None:
-    """Read the data section of a shard file into ``buf`` (CPU, uint8, pinned or not).
-    ``cold`` drops the file from the page cache afterwards, so the next read comes from the disk
-    (what a machine whose RAM cannot hold the model sees; used by benchmarks)."""
-    n = header.data_size
-    try:
-        with open(path, "rb", buffering=0) as f:
-            if cold:
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            f.seek(header.data_offset)
-            mv = memoryview(buf.numpy()).cast("B")[:n]
-            got = 0
-            while got < n:
-                r = f.readinto(mv[got:])
-                if not r:
-                    raise ShardError(f"shard file {path} is truncated; run `qstream verify {path.parent}`")
-                got += r
-            if cold:
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    except FileNotFoundError:
-        raise ShardError(f"missing shard file {path}; run `qstream verify {path.parent}`") from None
-
-
-class EventPool:
-    """Timing events made once and reused: creating CUDA events in the hot loop costs more
-    than what they measure. When the pool runs out, pending pairs are resolved (one sync)."""
-
-    def __init__(self, n: int = 4096):
-        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        self.i = 0
-
-    def take(self) -> torch.cuda.Event:
-        e = self.events[self.i]
-        self.i += 1
-        return e
-
-
-@dataclass
-class Stats:
-    """Where the time went. Seconds are sums over the run; stall is compute waiting for data."""
-
-    read_s: float = 0.0
-    copy_s: float = 0.0
-    dequant_s: float = 0.0
-    compute_s: float = 0.0
-    stall_s: float = 0.0
-    bytes_read: int = 0  # from disk
-    bytes_copied: int = 0  # host -> device
-    bytes_streamed: int = 0  # bytes of streamed layers consumed by compute
-    forwards: int = 0
-    layer_visits: int = 0
-    _pending: list = field(default_factory=list, repr=False)  # (kind, start_event, end_event)
-    _pool: EventPool | None = field(default=None, repr=False)
-
-    def event(self) -> torch.cuda.Event:
-        """A recorded-later timing event from the pool (resolving pending pairs when it runs dry)."""
-        if self._pool is None or self._pool.i >= len(self._pool.events):
-            self.resolve()
-            # a fresh pool: events of timers still open belong to the old one and stay valid
-            self._pool = EventPool()
-        return self._pool.take()
-
-    def timed(self, kind: str, stream=None):
-        """Record a start event now; returns a function that records the end event."""
-        a = self.event()
-        a.record(stream) if stream is not None else a.record()
-
-        def done() -> None:
-            b = self.event()
-            b.record(stream) if stream is not None else b.record()
-            self._pending.append((kind, a, b))
-        return done
-
-    def resolve(self) -> None:
-        if self._pending:
-            torch.cuda.synchronize()
-            for kind, a, b in self._pending:
-                setattr(self, kind, getattr(self, kind) + a.elapsed_time(b) / 1000)
-            self._pending.clear()
-
-    def as_dict(self) -> dict:
-        self.resolve()
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-    def reset(self) -> None:
-        self.resolve()
-        for k, v in Stats().__dict__.items():
-            if not k.startswith("_"):
-                setattr(self, k, v)
-
 
 class DiskReader:
     """A thread reading disk-tier layers, cyclically, into a ring of (pinned) host buffers."""

@@ -52,9 +52,6 @@ class TierPlan:
     def streamed(self) -> tuple[int, ...]:
         return tuple(sorted(self.host + self.disk))
 
-    def tier_of(self, layer: int) -> str:
-        return "resident" if layer in self.resident else "host" if layer in self.host else "disk"
-
     def describe(self) -> str:
         gib = 1024**3
         b = "unlimited" if self.budget is None else f"{self.budget / gib:.2f} GiB"
@@ -84,8 +81,7 @@ def plan_tiers(layer_bytes: list[int], *, fixed_bytes: int, budget: int | None, 
     # three staging slots keep two layers in flight while one computes (prefetch depth 2);
     # a tight budget falls back to two (depth 1) rather than refusing to run
     s = max(min_slots, min(preferred_slots, max_slots, left // biggest, n))
-    k = _fit_count(layer_bytes, left - s * biggest)
-    resident = set(_fit_layers(layer_bytes, left - s * biggest, k))
+    resident = set(spread(_fit_count(layer_bytes, left - s * biggest), n))
     streamed = [i for i in range(n) if i not in resident]
     host, disk, used = [], [], 0
     for i in streamed:
@@ -104,6 +100,3 @@ def _fit_count(layer_bytes: list[int], room: int) -> int:
             return k
     return 0
 
-
-def _fit_layers(layer_bytes: list[int], room: int, k: int) -> list[int]:
-    return spread(k, len(layer_bytes)) if k else []

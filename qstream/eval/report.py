@@ -15,13 +15,14 @@ A variant that misses is marked MISS.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EvalError
+from ..errors import EvalError
+from ..store.files import atomic_write_bytes
+from .results import variant_name
 
 REFERENCE = "bnb-nf4-reference"
 INT8_MAX_REL = 0.005
@@ -97,8 +98,6 @@ def _acc(metrics: dict) -> tuple[str, float] | None:
 
 def collect(results: list[tuple[Path, dict]]) -> dict[str, dict[str, Row]]:
     """model -> row key -> Row."""
-    from .evaluate import variant_name
-
     models: dict[str, dict[str, Row]] = {}
     pending_bench = []
     for path, d in results:
@@ -352,33 +351,5 @@ def write_report(paths: list[str | Path], out: str | Path, *, title: str | None 
     if notes:
         lines += [notes.rstrip(), ""]
     readme = out / "README.md"
-    from .manifest import atomic_write_bytes
-
     atomic_write_bytes(readme, "\n".join(lines).encode())
     return readme
-
-
-def _cmd_report(a: argparse.Namespace) -> int:
-    notes = None
-    if a.notes:
-        p = Path(a.notes)
-        if not p.is_file():
-            raise EvalError(f"--notes file not found: {p}")
-        notes = p.read_text()
-    readme = write_report(a.results, a.out, title=a.title, notes=notes)
-    print(f"wrote {readme}")
-    return 0
-
-
-def add_commands(sub) -> None:
-    from .cli_run import COMMON
-
-    s = sub.add_parser("report", parents=[COMMON], help="table and plots across the variants of a model",
-                       description="Read result files of `qstream eval ppl|lm-eval --json` and `qstream bench --json`, "
-                       "match them by shard directory, and write OUT/README.md (size, bits per weight, perplexity and "
-                       "its change, accuracy, speed, quality targets marked MISS when missed) and PNG plots.")
-    s.add_argument("results", nargs="+", metavar="RESULT.json", help="result files")
-    s.add_argument("--out", required=True, metavar="DIR", help="directory for README.md and the plots")
-    s.add_argument("--title", help="heading of the README")
-    s.add_argument("--notes", metavar="FILE", help="markdown appended to the README (method, caveats)")
-    s.set_defaults(func=_cmd_report)

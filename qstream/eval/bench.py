@@ -3,10 +3,7 @@ runtime's breakdown, and the ratio to the floor of the memory tier in use, with
 the tier's bandwidth measured in the same run."""
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -14,22 +11,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import QstreamError
-
-
-def machine() -> dict:
-    d = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-         "torch": torch.__version__}
-    try:
-        import transformers
-
-        d["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        d["gpu"] = torch.cuda.get_device_name()
-        d["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    return d
+from ..errors import QstreamError
+from ..generate import SamplingConfig, generate_ids
+from ..runtime.build import load
+from .results import machine
 
 
 def h2d_bandwidth(*, pinned: bool, nbytes: int = 512 << 20, reps: int = 8) -> float:
@@ -69,11 +54,28 @@ def read_bandwidth(paths: list[Path], *, cold: bool, limit: int = 4 << 30) -> fl
     return total / max(t, 1e-9)
 
 
+def measure_floor(model, *, cold_disk: bool) -> tuple[dict[str, float], float, int]:
+    """The bandwidth of every tier the model streams from, measured now, and the floor: the
+    seconds per pass that moving the streamed bytes at those bandwidths takes.
+    Returns (bandwidths in bytes/s, floor seconds, streamed bytes per pass)."""
+    tiers = model.tier_bytes()
+    bw: dict[str, float] = {}
+    floor_s = 0.0
+    if model.device.type == "cuda":
+        bw["pinned_h2d"] = h2d_bandwidth(pinned=True)
+        bw["pageable_h2d"] = h2d_bandwidth(pinned=False)
+        if tiers["host"]:
+            floor_s += tiers["host"] / bw["pinned_h2d"]
+    if tiers["disk"]:
+        paths = model.layer_paths(model.plan.disk)
+        bw["disk_cold_read"] = read_bandwidth(paths, cold=True)
+        bw["page_cache_read"] = read_bandwidth(paths, cold=False)
+        floor_s += tiers["disk"] / bw["disk_cold_read" if cold_disk else "page_cache_read"]
+    return bw, floor_s, tiers["host"] + tiers["disk"]
+
+
 def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, batch: int = 1, device: str = "auto",
           gpu_memory=None, host_memory="auto", cold_disk: bool = False, seed: int = 0, warmup_s: float = 8.0) -> dict:
-    from .generate import SamplingConfig, generate_ids
-    from .runtime.model import load
-
     if prompt_tokens < 1 or new_tokens < 2 or batch < 1:
         raise QstreamError("need --prompt-tokens >= 1, --new-tokens >= 2 and --batch >= 1")
     t0 = time.perf_counter()
@@ -96,29 +98,14 @@ def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, ba
         model.set_profile(True)
         rp = generate_ids(model, ids, mask, SamplingConfig(max_new_tokens=min(new_tokens, 16)))
         plan = model.plan
-        hdr = model.pipeline.headers if model.pipeline else {}
-        host_bytes = sum(hdr[i].data_size for i in plan.host)
-        disk_bytes = sum(hdr[i].data_size for i in plan.disk)
-        bw: dict[str, float] = {}
-        floor_s = 0.0
-        if model.device.type == "cuda":
-            bw["pinned_h2d"] = h2d_bandwidth(pinned=True)
-            bw["pageable_h2d"] = h2d_bandwidth(pinned=False)
-            if host_bytes:
-                floor_s += host_bytes / bw["pinned_h2d"]
-        if disk_bytes:
-            paths = [model.pipeline.paths[i] for i in plan.disk]
-            bw["disk_cold_read"] = read_bandwidth(paths, cold=True)
-            bw["page_cache_read"] = read_bandwidth(paths, cold=False)
-            floor_s += disk_bytes / bw["disk_cold_read" if cold_disk else "page_cache_read"]
+        bw, floor_s, streamed = measure_floor(model, cold_disk=cold_disk)
         s_tok = r.s_per_token
-        streamed = host_bytes + disk_bytes
         t = rp.timing
         steps = max(rp.decode_steps, 1)
         out = {
             "command": " ".join(sys.argv),
             "shards": str(path),
-            "recipe": model.manifest.data["recipe"],
+            "recipe": model.manifest.recipe,
             "machine": machine(),
             "device": str(model.device),
             "gpu_memory": gpu_memory,
@@ -165,31 +152,3 @@ def format_bench(r: dict) -> str:
         + ", ".join(f"{k.removesuffix('_s')} {v * 1000:.1f} ms" for k, v in r["breakdown_s_per_token"].items()),
     ]
     return "\n".join(lines)
-
-
-def _cmd_bench(a: argparse.Namespace) -> int:
-    r = bench(a.dir, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, batch=a.batch, device=a.device,
-              gpu_memory=a.gpu_memory, host_memory=a.host_memory, cold_disk=a.cold_disk)
-    print(format_bench(r))
-    if a.json:
-        from .manifest import atomic_write_json
-
-        atomic_write_json(Path(a.json), r)
-        print(f"wrote {a.json}")
-    return 0
-
-
-def add_commands(sub) -> None:
-    from .cli_run import COMMON, add_runtime_args
-
-    s = sub.add_parser("bench", parents=[COMMON], help="measure prefill/decode speed, the breakdown and the ratio to the floor",
-                       description="Decode a random prompt and report s/token, tokens/s, peak memory, bytes streamed per "
-                       "token, where the time goes, and the floor: streamed bytes over the bandwidth of their tier, "
-                       "measured in the same run.")
-    add_runtime_args(s)
-    s.add_argument("--prompt-tokens", type=int, default=64)
-    s.add_argument("--new-tokens", type=int, default=32)
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--cold-disk", action="store_true", help="drop disk-tier shards from the page cache after each read")
-    s.add_argument("--json", help="also write the result as JSON here")
-    s.set_defaults(func=_cmd_bench)

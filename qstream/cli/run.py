@@ -1,4 +1,4 @@
-"""CLI commands that run a sharded model: generate (eval, bench and report are added by their modules)."""
+"""`qstream generate`."""
 from __future__ import annotations
 
 import argparse
@@ -6,35 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import QstreamError
-
-# -v/-q work before or after the subcommand; SUPPRESS keeps the top-level value when absent
-COMMON = argparse.ArgumentParser(add_help=False)
-COMMON.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what qstream does and print timing breakdowns")
-COMMON.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
-
-RUNTIME_HELP = "where to compute: cuda or cpu (default: cuda when available)"
-
-
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", help="shard directory made by `qstream shard`")
-    p.add_argument("--device", default="auto", help=RUNTIME_HELP)
-    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
-                   help="device memory budget, e.g. 4GiB (default: unlimited; layers that do not fit are streamed)")
-    p.add_argument("--host-memory", default="auto", metavar="SIZE",
-                   help="host RAM for caching streamed layers (default: half the free RAM; 0 = stream from disk)")
-
-
-def open_model(a: argparse.Namespace, *, max_batch: int = 1, max_seq: int | None = None):
-    from .runtime.model import load
-
-    return load(a.dir, device=a.device, gpu_memory=a.gpu_memory, host_memory=a.host_memory, max_batch=max_batch,
-                max_seq=max_seq)
+from ..errors import QstreamError
+from ..generate import SamplingConfig, generate, load_tokenizer
+from .common import COMMON, add_runtime_args, open_model
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from .generate import SamplingConfig, generate, load_tokenizer
-
     prompts = list(a.prompt or [])
     if a.batch_file:
         p = Path(a.batch_file)
@@ -71,7 +48,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("generate", help="generate text from a shard directory, streaming layers under a memory budget", parents=[COMMON],
                        description="Generate text with a KV cache. One prompt streams its tokens to stdout; a batch "
                        "(--batch-file, or several --prompt) shares each pass over the weights.")
@@ -86,11 +63,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--prefill-chunk", type=int, default=512, help="prefill long prompts this many tokens at a time")
     s.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     s.set_defaults(func=_cmd_generate)
-    for mod in ("evaluate", "bench", "report"):
-        try:
-            m = __import__(f"qstream.{mod}", fromlist=["add_commands"])
-        except ModuleNotFoundError as e:
-            if e.name != f"qstream.{mod}":
-                raise
-            continue
-        m.add_commands(sub)

@@ -1,4 +1,5 @@
-"""`qstream inspect` and `qstream verify`: read a shard directory back."""
+"""Reading a shard directory back: the per-file table of `qstream inspect` and the
+checksum pass of `qstream verify`."""
 from __future__ import annotations
 
 import math
@@ -8,14 +9,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .manifest import Manifest, read_manifest, safe_member, sha256_file
-
-
-def _numel(shape) -> int:
-    return math.prod(shape)
+from .files import safe_member, sha256_file
+from .manifest import Manifest, read_manifest
 
 
 def human(n: float) -> str:
+    """Bytes in binary units: 1536 -> '1.50 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -23,24 +22,27 @@ def human(n: float) -> str:
     raise AssertionError
 
 
+def params_of(entry) -> int:
+    return sum(math.prod(t["shape"]) for t in entry.tensors.values())
+
+
 def inspect_table(m: Manifest) -> str:
     rows = [("file", "schemes", "params", "bytes", "bits/weight")]
     total_params = total_bytes = 0
     for f in m.files:
-        params = sum(_numel(t["shape"]) for t in f.tensors.values())
+        params = params_of(f)
         schemes = Counter(t["scheme"] for t in f.tensors.values())
         desc = ", ".join(f"{k} x{v}" for k, v in sorted(schemes.items()))
         rows.append((f.name, desc, f"{params:,}", human(f.size), f"{8 * f.size / max(params, 1):.2f}"))
         total_params += params
         total_bytes += f.size
-    dense = m.data.get("dense_bytes", 2 * total_params)
+    dense = m.dense_bytes or 2 * total_params
     rows.append(("total", "", f"{total_params:,}", human(total_bytes), f"{8 * total_bytes / max(total_params, 1):.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.insert(-1, "  ".join("-" * w for w in widths))
-    head = (f"{m.root}: {m.data['model']['source']} ({m.data['model'].get('architecture')}), "
-            f"{m.num_layers} layers, compute dtype {m.compute_dtype}")
+    head = f"{m.root}: {m.source} ({m.architecture}), {m.num_layers} layers, compute dtype {m.compute_dtype}"
     foot = f"compression vs 16-bit: {human(dense)} -> {human(total_bytes)} ({dense / max(total_bytes, 1):.2f}x)"
     return "\n".join([head, *lines, foot])
 

@@ -1,0 +1,5 @@
+import sys
+
+from qstream.cli import main
+
+sys.exit(main())

@@ -1,0 +1,33 @@
+"""`qstream bench`."""
+from __future__ import annotations
+
+import argparse
+
+from ..eval.bench import bench, format_bench
+from ..eval.results import check_json_target, write_result
+from .common import COMMON, add_runtime_args
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    check_json_target(a.json)  # a bad --json path fails before the model loads
+    r = bench(a.dir, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, batch=a.batch, device=a.device,
+              gpu_memory=a.gpu_memory, host_memory=a.host_memory, cold_disk=a.cold_disk)
+    print(format_bench(r))
+    if a.json:
+        write_result(a.json, r)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("bench", parents=[COMMON], help="measure prefill/decode speed, the breakdown and the ratio to the floor",
+                       description="Decode a random prompt and report s/token, tokens/s, peak memory, bytes streamed per "
+                       "token, where the time goes, and the floor: streamed bytes over the bandwidth of their tier, "
+                       "measured in the same run.")
+    add_runtime_args(s)
+    s.add_argument("--prompt-tokens", type=int, default=64)
+    s.add_argument("--new-tokens", type=int, default=32)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--cold-disk", action="store_true", help="drop disk-tier shards from the page cache after each read")
+    s.add_argument("--json", help="also write the result as JSON here")
+    s.set_defaults(func=_cmd_bench)

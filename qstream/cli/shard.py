@@ -1,0 +1,66 @@
+"""`qstream shard`, `qstream inspect`, `qstream verify`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..recipe import load_recipe
+from ..shard import shard
+from ..store.inspect import human, inspect_table, verify
+from ..store.manifest import read_manifest
+from .common import COMMON, progress
+
+
+def _cmd_shard(a: argparse.Namespace) -> int:
+    recipe = load_recipe(a.recipe)
+    r = shard(recipe, output=a.output, force=a.force, device=a.device, progress=progress(a))
+    rows = [
+        ("source", recipe.model, human(r.source_bytes)),
+        ("16-bit equivalent", "", human(r.dense_bytes)),
+        ("shards", str(r.output), human(r.shard_bytes)),
+        ("ratio vs 16-bit", "", f"{r.ratio:.2f}x"),
+        ("time", f"{r.files_written} written, {r.files_resumed} resumed", f"{r.seconds:.1f} s"),
+    ]
+    w0, w1 = max(len(x[0]) for x in rows), max(len(x[1]) for x in rows)
+    for k, v, n in rows:
+        print(f"{k:<{w0}}  {v:<{w1}}  {n:>10}")
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    print(inspect_table(read_manifest(a.dir)))
+    return 0
+
+
+def _cmd_verify(a: argparse.Namespace) -> int:
+    rep = verify(a.dir, progress=progress(a))
+    for name in rep.missing:
+        print(f"MISSING  {name}")
+    for name in rep.corrupt:
+        print(f"CORRUPT  {name}")
+    if rep.passed:
+        print(f"OK: {len(rep.ok)} files match their checksums")
+        return 0
+    print(f"FAILED: {len(rep.missing)} missing, {len(rep.corrupt)} corrupt of {len(rep.ok) + len(rep.missing) + len(rep.corrupt)}; "
+          "re-run `qstream shard` on the recipe to rewrite them", file=sys.stderr)
+    return 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("shard", parents=[COMMON], help="compress a model into per-layer shards as a recipe says",
+                       description="Read the model a recipe names, quantize each layer as the recipe says, and write one "
+                       "safetensors file per layer plus a checksummed manifest. Rerunning after an interruption resumes.")
+    s.add_argument("recipe", help="recipe YAML (see recipes/ and the README's recipe reference)")
+    s.add_argument("--output", type=Path, help="write here instead of the recipe's `output`")
+    s.add_argument("--force", action="store_true", help="replace shards of another model or recipe in the output directory")
+    s.add_argument("--device", choices=["cpu", "cuda"], help="where to quantize (default: cuda when available)")
+    s.set_defaults(func=_cmd_shard)
+
+    s = sub.add_parser("inspect", parents=[COMMON], help="per-layer table of schemes, bytes and bits per weight")
+    s.add_argument("dir", help="shard directory")
+    s.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("verify", parents=[COMMON], help="recompute checksums; exit 1 naming every missing or corrupt file")
+    s.add_argument("dir", help="shard directory")
+    s.set_defaults(func=_cmd_verify)

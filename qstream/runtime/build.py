@@ -1,0 +1,231 @@
+"""``load()``: open a shard directory as a StreamedModel.
+
+The skeleton is built on the meta device from the manifest's config (no memory),
+linear layers become QLinear, and tensors are attached without copies: embeddings
+stay in host RAM (on CUDA), the head and as many layers as the tier plan allows are
+read once onto the device, the rest are bound at run time by the pipeline.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..dtypes import DTYPES
+from ..errors import QstreamError, ShardError
+from ..store.inspect import verify as verify_dir
+from ..store.manifest import FileEntry, Manifest, read_manifest
+from ..store.tensors import read_file, read_header, read_into, views
+from .embedding import HostEmbedding
+from .hooks import Binding, set_param
+from .model import StreamedModel
+from .pipeline import Pipeline
+from .plan import parse_bytes, plan_tiers
+from .qlinear import QLinear
+from .stats import Stats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SEQ = 4096  # KV room reserved when the caller does not say (capped by the model's own limit)
+PROGRESS_MIN_BYTES = 256 << 20  # below this a load is too quick for a progress bar to help
+
+
+def available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise QstreamError(f"unknown device {device!r}; use cuda, cuda:N, cpu or auto") from None
+    if d.type not in ("cuda", "cpu"):
+        raise QstreamError(f"unsupported device {device!r}; use cuda, cuda:N, cpu or auto")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise QstreamError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    return d
+
+
+def default_max_seq(manifest: Manifest) -> int:
+    return min(manifest.max_positions or DEFAULT_MAX_SEQ, DEFAULT_MAX_SEQ)
+
+
+def hf_config(manifest: Manifest):
+    """The transformers config of a shard directory, with the head untied (shard.py stores it on its own)."""
+    from transformers import AutoConfig
+
+    cfg = dict(manifest.config)
+    model_type = cfg.pop("model_type")
+    for k in ("transformers_version", "_name_or_path", "architectures"):
+        cfg.pop(k, None)
+    config = AutoConfig.for_model(model_type, **cfg)
+    config.tie_word_embeddings = False
+    return config
+
+
+def skeleton(manifest: Manifest, dtype: torch.dtype) -> nn.Module:
+    """The model with every parameter on the meta device; buffers (rotary tables) are real,
+    computed on the CPU as the model's own constructor computes them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        hf = AutoModelForCausalLM.from_config(hf_config(manifest), dtype=dtype)
+    return hf.eval()
+
+
+def swap_linears(hf: nn.Module, entries: list[FileEntry], dtype: torch.dtype) -> None:
+    """Replace every nn.Linear whose weight the shards store by a QLinear of its scheme."""
+    for e in entries:
+        for name, meta in e.tensors.items():
+            path, attr = name.rsplit(".", 1)
+            if attr != "weight":
+                continue
+            try:
+                mod = hf.get_submodule(path)
+            except AttributeError:
+                raise ShardError(f"shards do not fit the model: no module {path!r} in {type(hf).__name__}") from None
+            if isinstance(mod, nn.Linear):
+                parent, child = path.rsplit(".", 1) if "." in path else ("", path)
+                q = QLinear(mod.in_features, mod.out_features, bias=mod.bias is not None, meta={**meta, "name": path},
+                            compute_dtype=dtype)
+                setattr(hf.get_submodule(parent) if parent else hf, child, q)
+
+
+def fixed_bytes(hf, manifest: Manifest, head: FileEntry, dtype: torch.dtype, max_batch: int, max_seq: int,
+                chunk: int) -> tuple[int, int]:
+    """Device bytes that do not depend on the tier plan, and the KV cache bytes."""
+    c = hf.config
+    item = torch.finfo(dtype).bits // 8
+    # a dequantized weight and its successor in flight (pass-through weights are used in place)
+    biggest = max((m.in_features * m.out_features for m in hf.modules() if isinstance(m, QLinear) and m.scheme.quantized), default=0)
+    workspace = 2 * biggest * item
+    hidden = c.hidden_size
+    inter = getattr(c, "intermediate_size", 4 * hidden)
+    heads = c.num_attention_heads
+    vocab = c.vocab_size
+    tokens = max_batch * chunk
+    # activations of one chunk: residual, q/k/v/o and MLP intermediates, attention scores, logits in float32
+    act = tokens * (6 * hidden + 3 * inter) * item + max_batch * heads * chunk * max_seq * item + 2 * max_batch * vocab * 4
+    kv_heads = getattr(c, "num_key_value_heads", heads) or heads
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    kv = 2 * manifest.num_layers * max_batch * max_seq * kv_heads * head_dim * item
+    # CUDA context and allocator slack are outside the budget's control; count what qstream allocates
+    return head.size + workspace + act, kv
+
+
+def _attach_embeddings(hf: nn.Module, tensors: dict[str, torch.Tensor], dev: torch.device) -> None:
+    """Embeddings: host RAM on CUDA (a lookup reads a few rows), in place on CPU."""
+    for name, t in tensors.items():
+        mpath, attr = name.rsplit(".", 1)
+        mod = hf.get_submodule(mpath)
+        if dev.type == "cuda" and isinstance(mod, nn.Embedding):
+            parent, child = mpath.rsplit(".", 1)
+            setattr(hf.get_submodule(parent), child, HostEmbedding(t, dev))
+        else:
+            set_param(mod, attr, t)
+
+
+def _buffers_to(hf: nn.Module, dev: torch.device) -> None:
+    """Buffers the skeleton made for real (rotary tables, ...) go to the device."""
+    for mod in hf.modules():
+        for k, b in list(mod._buffers.items()):
+            if b is not None and b.device.type != "meta":
+                mod._buffers[k] = b.to(dev)
+
+
+def _read_tiers(manifest: Manifest, entries: list[FileEntry], headers: list, plan, bindings: dict[int, Binding],
+                dev: torch.device, progress: bool) -> dict[int, torch.Tensor]:
+    """Resident layers are read once and kept on the device for good; host-tier layers are read
+    into (pinned, on CUDA) RAM and returned for the pipeline."""
+    host_layers = {}
+    todo = sorted(plan.resident + plan.host)
+    total = sum(headers[i].data_size for i in todo)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="load", disable=not progress or total < PROGRESS_MIN_BYTES) as bar:
+        for i in todo:
+            buf = torch.empty(headers[i].data_size, dtype=torch.uint8, pin_memory=dev.type == "cuda" and i in plan.host)
+            read_into(manifest.path(entries[i]), headers[i], buf)
+            if i in plan.host:
+                host_layers[i] = buf
+            else:
+                bindings[i].apply(views(buf.to(dev), headers[i]))
+            bar.update(headers[i].data_size)
+    return host_layers
+
+
+def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_memory: str | int | None = None,
+         host_memory: str | int | None = "auto", max_batch: int = 1, max_seq: int | None = None, prefill_chunk: int = 512,
+         max_slots: int = 4, profile: bool = True, verify: bool = False, cold_disk: bool = False,
+         progress: bool = True) -> StreamedModel:
+    """Open a shard directory for inference.
+
+    gpu_memory: budget on the compute device ("4GiB"; None = unlimited) covering weights,
+        staging buffers, activations and KV cache. On CPU it bounds the resident layers.
+    host_memory: host RAM for caching streamed layers ("auto" = half the available RAM;
+        0 = stream every non-resident layer from disk).
+    max_batch / max_seq: the largest batch and sequence the budget must leave room for.
+    verify: recompute every shard checksum first (slow for big models; see `qstream verify`).
+    cold_disk: drop disk-tier files from the page cache after each read (honest disk benchmarks).
+    """
+    dev = resolve_device(device)
+    manifest = read_manifest(path)
+    if verify:
+        rep = verify_dir(path, progress=False)
+        if not rep.passed:
+            raise ShardError(f"{path}: missing {rep.missing}, corrupt {rep.corrupt}; re-run `qstream shard`")
+    dtype = DTYPES[manifest.compute_dtype]
+    if dev.type == "cpu" and dtype == torch.float16:
+        log.info("float16 compute on CPU is slow; consider compute_dtype bfloat16 or float32")
+    budget = parse_bytes(gpu_memory, what="gpu_memory")
+    host_budget = available_host_memory() // 2 if host_memory in ("auto", None) else parse_bytes(host_memory, what="host_memory")
+    max_seq = max_seq or default_max_seq(manifest)
+
+    layer_entries = manifest.layer_files()
+    embed_e, head_e = manifest.file("embed"), manifest.file("head")
+    headers = [read_header(manifest.path(e), expected_size=e.size) for e in layer_entries]
+    layer_bytes = [h.data_size for h in headers]
+
+    hf = skeleton(manifest, dtype)
+    swap_linears(hf, manifest.files, dtype)
+    stats = Stats()
+    if profile:
+        for m in hf.modules():
+            if isinstance(m, QLinear):
+                m.stats = stats
+    layers = hf.get_submodule(manifest.layers_prefix)
+    bindings = {i: Binding.of(hf, e) for i, e in enumerate(layer_entries)}
+    _buffers_to(hf, dev)
+    _attach_embeddings(hf, read_file(manifest.path(embed_e), expected_size=embed_e.size), dev)
+    Binding.of(hf, head_e).apply(read_file(manifest.path(head_e), expected_size=head_e.size, device=dev))
+
+    fixed, kv = fixed_bytes(hf, manifest, head_e, dtype, max_batch, max_seq, prefill_chunk)
+    # a KV cache that would crowd out two layer slots is offloaded to host RAM, layer by layer
+    kv_offload = budget is not None and dev.type == "cuda" and fixed + kv + 2 * max(layer_bytes) > budget
+    if kv_offload:
+        kv = 2 * kv // manifest.num_layers  # only the layers in use stay on the device
+    plan = plan_tiers(layer_bytes, fixed_bytes=fixed + kv, budget=budget,
+                      host_budget=host_budget if dev.type == "cuda" or budget is not None else None,
+                      max_slots=max_slots)
+    log.info("%s", plan.describe())
+
+    host_layers = _read_tiers(manifest, layer_entries, headers, plan, bindings, dev, progress)
+    pipeline = None
+    if plan.streamed:
+        pipeline = Pipeline(device=dev, streamed=list(plan.streamed), host_layers=host_layers, disk_layers=list(plan.disk),
+                            paths={i: manifest.path(layer_entries[i]) for i in plan.streamed},
+                            headers={i: headers[i] for i in plan.streamed}, slots=max(plan.slots, 2),
+                            slot_bytes=plan.slot_bytes, stats=stats, profile=profile, cold=cold_disk)
+    return StreamedModel(manifest, hf, plan, dev, dtype, layers, pipeline, bindings, stats, layer_bytes, kv_offload, profile)

@@ -1,0 +1,149 @@
+"""Safetensors I/O for shard files: the one dtype table, header parsing and
+validation, zero-copy reads into preallocated buffers, and the rule by which a
+quantized weight's tensors are stored.
+
+A weight ``W`` quantized into ``packed = {"": codes, "absmax": ...}`` is stored as
+``W`` (the main tensor) plus ``W.absmax``; its metadata records
+``stored = {"data": "W", "absmax": "W.absmax"}``. :func:`pack_stored` and
+:func:`unpack_stored` are the only places that know this rule.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ShardError
+
+# safetensors dtype name -> torch dtype (sizes come from torch)
+ST_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+}
+MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+MAIN = "data"  # the key of a packed tensor's main part in ``stored``
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    name: str
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+    start: int  # byte offset inside the data section
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    data_offset: int  # where the data section starts in the file
+    data_size: int
+    tensors: dict[str, TensorSlot]
+    metadata: dict[str, str]
+
+
+def _corrupt(path: Path, why: str) -> ShardError:
+    return ShardError(f"corrupt shard file {path} ({why}); run `qstream verify {path.parent}`")
+
+
+def read_header(path: Path, *, expected_size: int | None = None) -> Header:
+    """Parse a safetensors header (8-byte little-endian length + JSON) and check it against the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise _corrupt(path, "file shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, MAX_HEADER):
+                raise _corrupt(path, "header length out of range")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise ShardError(f"missing shard file {path}; run `qstream verify {path.parent}`") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _corrupt(path, str(e)) from None
+    if expected_size is not None and size != expected_size:
+        raise ShardError(f"shard file {path} has {size} bytes, the manifest says {expected_size}; run `qstream verify {path.parent}`")
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    meta = header.pop("__metadata__", {}) or {}
+    slots = {}
+    data_size = size - 8 - n
+    try:
+        for name, t in header.items():
+            start, end = t["data_offsets"]
+            numel = 1
+            for d in t["shape"]:
+                numel *= d
+            if not (0 <= start <= end <= data_size) or end - start != numel * ST_DTYPES[t["dtype"]].itemsize:
+                raise ValueError(f"tensor {name} has bad offsets")
+            slots[name] = TensorSlot(name, t["dtype"], tuple(t["shape"]), start, end)
+    except (KeyError, TypeError, ValueError) as e:
+        raise _corrupt(path, str(e)) from None
+    return Header(8 + n, data_size, slots, meta)
+
+
+def views(buf: torch.Tensor, header: Header) -> dict[str, torch.Tensor]:
+    """Typed views of a file's tensors inside a flat uint8 buffer holding its data section.
+    safetensors orders tensors by alignment, so every view is aligned."""
+    return {name: buf[s.start:s.end].view(ST_DTYPES[s.dtype]).view(s.shape) for name, s in header.tensors.items()}
+
+
+def read_into(path: Path, header: Header, buf: torch.Tensor, *, cold: bool = False) -> None:
+    """Read the data section of a shard file into ``buf`` (CPU, uint8, pinned or not).
+    ``cold`` drops the file from the page cache afterwards, so the next read comes from the disk
+    (what a machine whose RAM cannot hold the model sees; used by benchmarks)."""
+    n = header.data_size
+    try:
+        with open(path, "rb", buffering=0) as f:
+            if cold:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            f.seek(header.data_offset)
+            mv = memoryview(buf.numpy()).cast("B")[:n]
+            got = 0
+            while got < n:
+                r = f.readinto(mv[got:])
+                if not r:
+                    raise ShardError(f"shard file {path} is truncated; run `qstream verify {path.parent}`")
+                got += r
+            if cold:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    except FileNotFoundError:
+        raise ShardError(f"missing shard file {path}; run `qstream verify {path.parent}`") from None
+
+
+def read_file(path: Path, *, expected_size: int | None = None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A whole shard file's tensors on ``device``: typed views of one buffer (one copy to the device)."""
+    h = read_header(path, expected_size=expected_size)
+    buf = torch.empty(h.data_size, dtype=torch.uint8)
+    read_into(path, h, buf)
+    return views(buf.to(device), h)
+
+
+def save_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata=metadata)
+
+
+def pack_stored(name: str, packed: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A scheme's packed tensors -> (file key -> tensor, the ``stored`` map for the metadata)."""
+    tensors, stored = {}, {}
+    for suffix, t in packed.items():
+        key = name if not suffix else f"{name}.{suffix}"
+        tensors[key] = t
+        stored[suffix or MAIN] = key
+    return tensors, stored
+
+
+def stored_keys(meta: dict) -> dict[str, str]:
+    """The ``stored`` map as scheme suffix -> file key (the main tensor's suffix is "")."""
+    return {("" if k == MAIN else k): v for k, v in meta["stored"].items()}
+
+
+def unpack_stored(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_stored`: the packed dict a scheme's ``dequantize`` takes."""
+    return {suffix: tensors[key] for suffix, key in stored_keys(meta).items()}
