@@ -2,9 +2,15 @@
 
     qstream.load(DIR, gpu_memory="4GiB")   -> a StreamedModel (see qstream.runtime)
 """
+import logging
+
 __version__ = "0.1.0"
 
 from .errors import QstreamError  # noqa: E402
+
+# bitsandbytes announces at import that an optional CPU matmul kernel is absent; qstream never uses
+# it, so the notice would only confuse API users (the CLI silenced it already)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def load(*args, **kwargs):

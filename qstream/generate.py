@@ -1,6 +1,7 @@
 """Generation with a KV cache over a streamed model: a batch of prompts shares one
-pass over the weights per step; greedy, temperature and top-p sampling; EOS and
-stop strings; chat templates; chunked prefill; text streamed as it is decoded."""
+pass over the weights per step; greedy, temperature, top-k and top-p sampling with a
+repetition penalty; EOS and stop strings; chat templates (with a system prompt and
+multi-turn conversations); chunked prefill; text streamed as it is decoded."""
 from __future__ import annotations
 
 import time
@@ -17,10 +18,13 @@ class SamplingConfig:
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    repetition_penalty: float = 1.0  # 1 = none; >1 discourages tokens already in the prompt or output (CTRL's rule)
     stop: tuple[str, ...] = ()
     seed: int | None = None
     prefill_chunk: int = 512
     chat: bool = True  # apply the tokenizer's chat template when it has one
+    system: str | None = None  # system prompt for the chat template
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -29,6 +33,10 @@ class SamplingConfig:
             raise QstreamError("temperature must be >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
             raise QstreamError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise QstreamError("top_k must be >= 0 (0 means no top-k cut)")
+        if self.repetition_penalty <= 0:
+            raise QstreamError("repetition_penalty must be > 0 (1 means none)")
         if self.prefill_chunk < 1:
             raise QstreamError("prefill_chunk must be at least 1")
 
@@ -63,11 +71,19 @@ def load_tokenizer(path):
     return tok
 
 
-def format_prompts(tokenizer, prompts: list[str], *, chat: bool) -> list[str]:
+def format_prompts(tokenizer, prompts: list, *, chat: bool, system: str | None = None) -> list[str]:
+    """Prompts as the model sees them. A prompt is a string (one user turn) or a conversation
+    (a list of {"role", "content"} messages); the chat template applies when ``chat`` and the
+    tokenizer has one, otherwise the texts are used as they are."""
     if chat and getattr(tokenizer, "chat_template", None):
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts]
-    return prompts
+        out = []
+        for p in prompts:
+            msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+            if system and not any(m.get("role") == "system" for m in msgs):
+                msgs.insert(0, {"role": "system", "content": system})
+            out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        return out
+    return [p if isinstance(p, str) else "\n".join(m["content"] for m in p) for p in prompts]
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -80,11 +96,26 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> next tokens [B]."""
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty of CTRL (and transformers): logits [B, V] of tokens marked in
+    ``seen`` [B, V] are divided by ``penalty`` when positive and multiplied when negative."""
+    if penalty == 1.0:
+        return logits
+    seen = seen.to(logits.device)
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] -> next tokens [B]; ``seen`` [B, V] marks tokens the repetition penalty applies to."""
     logits = logits.float()
+    if seen is not None:
+        logits = penalize(logits, seen, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(-1)
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = logits.topk(cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits / cfg.temperature, dim=-1)
     if cfg.top_p < 1:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
@@ -99,8 +130,8 @@ def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig = Samplin
              on_text: Callable[[int, str], None] | None = None) -> GenerationResult:
     """Generate for every prompt at once. ``on_text(i, delta)`` receives new text of sequence i."""
     if not prompts or any(not p for p in prompts):
-        raise QstreamError("every prompt must be a non-empty string")
-    texts_in = format_prompts(tokenizer, prompts, chat=cfg.chat)
+        raise QstreamError("every prompt must be a non-empty string (or conversation)")
+    texts_in = format_prompts(tokenizer, prompts, chat=cfg.chat, system=cfg.system)
     enc = tokenizer(texts_in, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not cfg.chat)
     return generate_ids(model, enc["input_ids"], enc["attention_mask"], cfg, eos=eos_ids(model, tokenizer),
                         tokenizer=tokenizer, on_text=on_text)
@@ -181,8 +212,13 @@ def generate_ids(model, ids: torch.Tensor, mask: torch.Tensor, cfg: SamplingConf
         torch.cuda.reset_peak_memory_stats(dev)
     model.reset_timing()
 
+    seen = None
+    if cfg.repetition_penalty != 1.0:  # tokens of the prompt (not its padding) and of the output
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool)
+        for b in range(B):
+            seen[b, ids[b][mask[b].bool()]] = True
     t0 = time.perf_counter()
-    next_tok = sample(prefill(model, ids, mask, cache, cfg.prefill_chunk), cfg, gen).cpu()  # .cpu() waits for the device
+    next_tok = sample(prefill(model, ids, mask, cache, cfg.prefill_chunk), cfg, gen, seen).cpu()  # .cpu() waits for the device
     prefill_s = time.perf_counter() - t0
     prefill_timing = model.timing()
     model.reset_timing()
@@ -194,7 +230,9 @@ def generate_ids(model, ids: torch.Tensor, mask: torch.Tensor, cfg: SamplingConf
     while not out.add(next_tok):
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
         pos = pos + 1
-        next_tok = sample(decode_one_token(model, next_tok, mask, pos, cache), cfg, gen).cpu()
+        if seen is not None:
+            seen.scatter_(1, next_tok.view(B, 1), True)
+        next_tok = sample(decode_one_token(model, next_tok, mask, pos, cache), cfg, gen, seen).cpu()
         steps += 1
     decode_s = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None

@@ -39,6 +39,22 @@ def make_tiny(dirpath: Path, arch: str = "llama", *, seed: int = 0, dtype=torch.
     return dirpath
 
 
+def byte_tokenizer(dirpath: Path):
+    """A byte-level BPE without merges (256 byte tokens + <bos> <eos> <pad>), saved next to a model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for s in ("<bos>", "<eos>", "<pad>"):
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(dirpath)
+    return fast
+
+
 def write_recipe(path: Path, **fields) -> Path:
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
     return path

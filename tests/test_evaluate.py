@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qstream
-from conftest import make_tiny, shard_to
+from conftest import byte_tokenizer, make_tiny, shard_to
 from qstream.cli import main
 from qstream.errors import EvalError
 from qstream.eval.data import sliding_windows, tokenize_corpus
@@ -23,22 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "eval" / "tasks"
 SAMPLE = REPO / "eval" / "data" / "sample.txt"
 TEXT = SAMPLE.read_text()[:5000]  # ~5000 byte tokens
-
-
-def byte_tokenizer(dirpath: Path):
-    """A byte-level BPE without merges (256 byte tokens + <bos> <eos> <pad>), saved next to a model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for s in ("<bos>", "<eos>", "<pad>"):
-        vocab[s] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-    fast.save_pretrained(dirpath)
-    return fast
 
 
 @pytest.fixture(scope="module")

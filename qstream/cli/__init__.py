@@ -9,7 +9,7 @@ import sys
 from .. import __version__
 from ..errors import QstreamError
 from . import bench, eval, report, run, shard
-from .common import COMMON
+from .common import COMMON, resolve_dir
 
 EPILOG = """\
 examples:
@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # bitsandbytes announces at import that an optional CPU matmul kernel is absent; qstream never uses it
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
+        if getattr(a, "needs_shards", False):  # a command that runs a model: SOURCE may still need sharding
+            resolve_dir(a)
         return a.func(a)
     except QstreamError as e:
         print(f"qstream: error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 import time
 
 from ..errors import EvalError
@@ -13,6 +14,9 @@ from ..eval.results import check_json_target, result_header, write_result
 from ..generate import load_tokenizer
 from ..store.manifest import read_manifest
 from .common import COMMON, add_runtime_args, command_line, open_model, progress, run_facts
+
+
+FEW_TOKENS = 1000  # below this a perplexity's standard error is large enough to mislead
 
 
 def _harness():
@@ -48,9 +52,13 @@ def _cmd_ppl(a: argparse.Namespace) -> int:
         finally:
             model.close()
         variant = a.variant
-        print(f"perplexity {r['perplexity']:.4f} over {r['tokens_scored']} tokens ({r['windows']} windows of {a.context}, "
-              f"stride {stride}; {'layer-major' if r['layer_major'] else 'plain'}, {r['seconds']:.1f} s, "
-              f"{r['tokens_per_s']:.0f} tokens/s)")
+        se = r["perplexity_stderr"]
+        print(f"perplexity {r['perplexity']:.4f}" + ("" if se is None else f" +/- {se:.4f}")
+              + f" over {r['tokens_scored']} tokens ({r['windows']} windows of {a.context}, stride {stride}; "
+              f"{'layer-major' if r['layer_major'] else 'plain'}, {r['seconds']:.1f} s, {r['tokens_per_s']:.0f} tokens/s)")
+        if r["tokens_scored"] < FEW_TOKENS:
+            print(f"qstream: warning: only {r['tokens_scored']} tokens scored; perplexity over fewer than {FEW_TOKENS} "
+                  "tokens is noisy (see the +/-): use a longer text", file=sys.stderr)
     if a.json:
         out = result_header("ppl", a.dir, variant=variant or a.variant,
                             command=command_line(a, ["qstream", "eval", "ppl", str(a.dir)]),

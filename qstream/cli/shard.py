@@ -5,15 +5,28 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import QstreamError
 from ..recipe import load_recipe
+from ..resolve import DEFAULT_SCHEME, recipe_for
 from ..shard import shard
 from ..store.inspect import human, inspect_table, verify
 from ..store.manifest import read_manifest
 from .common import COMMON, progress
 
 
+def _recipe(a: argparse.Namespace):
+    """The recipe file, or one made from --model/--scheme/--block-size/--output."""
+    if (a.recipe is None) == (a.model is None):
+        raise QstreamError("give a recipe file, or --model SOURCE (with --scheme and --output), not both")
+    if a.recipe is not None:
+        if a.scheme is not None or a.block_size is not None:
+            raise QstreamError("--scheme and --block-size go with --model; a recipe file sets its own")
+        return load_recipe(a.recipe)
+    return recipe_for(a.model, scheme=a.scheme or DEFAULT_SCHEME, block_size=a.block_size, output=a.output)
+
+
 def _cmd_shard(a: argparse.Namespace) -> int:
-    recipe = load_recipe(a.recipe)
+    recipe = _recipe(a)
     r = shard(recipe, output=a.output, force=a.force, device=a.device, progress=progress(a))
     rows = [
         ("source", recipe.model, human(r.source_bytes)),
@@ -50,9 +63,16 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("shard", parents=[COMMON], help="compress a model into per-layer shards as a recipe says",
                        description="Read the model a recipe names, quantize each layer as the recipe says, and write one "
-                       "safetensors file per layer plus a checksummed manifest. Rerunning after an interruption resumes.")
-    s.add_argument("recipe", help="recipe YAML (see recipes/ and the README's recipe reference)")
-    s.add_argument("--output", type=Path, help="write here instead of the recipe's `output`")
+                       "safetensors file per layer plus a checksummed manifest. Rerunning after an interruption resumes.",
+                       epilog="examples:\n  qstream shard recipes/smollm2-135m-nf4.yaml\n"
+                       "  qstream shard --model smollm2-135m --scheme int8 --output shards/smollm2-int8",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/ and the README's recipe reference)")
+    s.add_argument("--model", metavar="SOURCE", help="instead of a recipe: a .gguf, Hugging Face directory, hub id or alias")
+    s.add_argument("--scheme", help=f"with --model: the scheme of every linear weight (default {DEFAULT_SCHEME})")
+    s.add_argument("--block-size", type=int, help="with --model: block (group) size of the scheme")
+    s.add_argument("--output", type=Path, help="write here instead of the recipe's `output` (with --model: default "
+                   "the shard cache, $QSTREAM_CACHE or ~/.cache/qstream)")
     s.add_argument("--force", action="store_true", help="replace shards of another model or recipe in the output directory")
     s.add_argument("--device", choices=["cpu", "cuda"], help="where to quantize (default: cuda when available)")
     s.set_defaults(func=_cmd_shard)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -46,27 +47,56 @@ def stack(ids: torch.Tensor, batch: Sequence[Window]) -> torch.Tensor:
     return torch.stack([ids[w.begin:w.end] for w in batch])
 
 
+@dataclass
+class NLL:
+    """Summed negative log-likelihood of scored tokens (float64), with the sum of squares for the
+    standard error (None when only a mean loss is known, as from transformers' own loss)."""
+
+    total: float = 0.0
+    squares: float | None = 0.0
+    count: int = 0
+
+    def __add__(self, o: "NLL") -> "NLL":
+        sq = None if self.squares is None or o.squares is None else self.squares + o.squares
+        return NLL(self.total + o.total, sq, self.count + o.count)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count
+
+    @property
+    def stderr(self) -> float | None:
+        """Standard error of the mean NLL per token (tokens treated as independent, as llama.cpp does)."""
+        if self.squares is None or self.count < 2:
+            return None
+        var = max(self.squares / self.count - self.mean ** 2, 0.0) * self.count / (self.count - 1)
+        return math.sqrt(var / self.count)
+
+
 def nll_rows(project: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, ids: torch.Tensor,
-              batch: Sequence[Window]) -> tuple[float, int]:
-    """Summed NLL (float64) and count of the scored tokens of a batch. ``states`` [B, S, *] are
-    logits or hidden states; ``project`` maps a slice of them to logits. Float32, chunked."""
-    total, count = 0.0, 0
+             batch: Sequence[Window]) -> NLL:
+    """NLL of the scored tokens of a batch. ``states`` [B, S, *] are logits or hidden states;
+    ``project`` maps a slice of them to logits. Float32, chunked."""
+    out = NLL()
     for b, w in enumerate(batch):
         tgt = ids[w.begin + w.score_from:w.end]
         for s in range(w.score_from, w.length, LOGIT_CHUNK):
             e = min(s + LOGIT_CHUNK, w.length)
             logits = project(states[b, s - 1:e - 1]).float()
             t = tgt[s - w.score_from:e - w.score_from].to(logits.device)
-            total += F.cross_entropy(logits, t, reduction="sum").double().item()
-        count += w.scored
-    return total, count
+            per_token = F.cross_entropy(logits, t, reduction="none").double()
+            out = out + NLL(per_token.sum().item(), per_token.square().sum().item(), 0)
+        out.count += w.scored
+    return out
 
 
-def _result(nll: float, count: int, n_tokens: int, windows: list[Window], context: int, stride: int, seconds: float,
+def _result(nll: NLL, n_tokens: int, windows: list[Window], context: int, stride: int, seconds: float,
             **extra) -> dict:
-    mean = nll / count
-    return {"perplexity": math.exp(mean), "nll_per_token": mean, "tokens_scored": count, "corpus_tokens": n_tokens,
-            "windows": len(windows), "context": context, "stride": stride, "seconds": seconds,
+    mean, se = nll.mean, nll.stderr
+    ppl = math.exp(mean)
+    return {"perplexity": ppl, "perplexity_stderr": None if se is None else ppl * se, "nll_per_token": mean,
+            "nll_stderr": se, "tokens_scored": nll.count, "corpus_tokens": n_tokens, "windows": len(windows),
+            "context": context, "stride": stride, "seconds": seconds,
             "tokens_per_s": sum(w.length for w in windows) / max(seconds, 1e-9), **extra}
 
 
@@ -110,25 +140,24 @@ def perplexity(model_or_dir, data, *, context: int = 2048, stride: int | None = 
         lm = bool(model.plan.streamed) if layer_major is None else layer_major
         run = _ppl_layer_major if lm else _ppl_plain
         t0 = time.perf_counter()
-        nll, count, passes = run(model, ids, windows, batch_size, progress, hidden_budget)
+        nll, passes = run(model, ids, windows, batch_size, progress, hidden_budget)
         seconds = time.perf_counter() - t0
     finally:
         if own:
             model.close()
-    return _result(nll, count, len(ids), windows, context, stride, seconds, batch_size=batch_size, layer_major=lm,
+    return _result(nll, len(ids), windows, context, stride, seconds, batch_size=batch_size, layer_major=lm,
                    passes=passes)
 
 
 def _ppl_plain(model, ids, windows, batch_size, progress, hidden_budget):
-    nll, count = 0.0, 0
+    nll = NLL()
     with tqdm(total=len(windows), unit="window", desc="perplexity", disable=not progress) as bar:
         for batch in batches_of(windows, batch_size):
             logits = model(stack(ids, batch))
-            n, c = nll_rows(lambda x: x, logits, ids, batch)
-            nll, count = nll + n, count + c
+            nll = nll + nll_rows(lambda x: x, logits, ids, batch)
             del logits
             bar.update(len(batch))
-    return nll, count, len(windows)
+    return nll, len(windows)
 
 
 def _passes(windows, batch_size, per_window_bytes, hidden_budget) -> list[list[list[Window]]]:
@@ -151,16 +180,16 @@ def _ppl_layer_major(model, ids, windows, batch_size, progress, hidden_budget):
     # a window's hidden state, plus the layer's input and output while it runs
     passes = _passes(windows, batch_size, 2 * max(w.length for w in windows) * hidden * item, hidden_budget)
     n_layers = len(model.layers)
-    nll, count = 0.0, 0
+    nll = NLL()
     with tqdm(total=len(passes) * n_layers, unit="layer", desc="perplexity (layer-major)", disable=not progress) as bar:
         for batches in passes:
             def head(j, h, batches=batches):
                 return nll_rows(model.logits, h, ids, batches[j])
 
             res = model.layer_major([{"input_ids": stack(ids, b)} for b in batches], head, on_layer=lambda i: bar.update(1))
-            for n, c in res:
-                nll, count = nll + n, count + c
-    return nll, count, len(passes)
+            for part in res:
+                nll = nll + part
+    return nll, len(passes)
 
 
 @torch.inference_mode()
@@ -173,15 +202,14 @@ def perplexity_reference(hf_model, data, *, context: int, stride: int | None = N
     ids = tokenize_corpus(data, tokenizer)
     windows = corpus_windows(len(ids), context, stride, limit)
     dev = next(hf_model.parameters()).device
-    nll, count = 0.0, 0
+    nll = NLL(squares=None)
     t0 = time.perf_counter()
     for w in tqdm(windows, unit="window", desc="perplexity (reference)", disable=not progress):
         x = ids[w.begin:w.end].unsqueeze(0).to(dev)
         labels = x.clone()
         labels[:, :w.score_from] = -100
         loss = hf_model(input_ids=x, labels=labels).loss
-        nll += loss.double().item() * w.scored
-        count += w.scored
-    return _result(nll, count, len(ids), windows, context, stride, time.perf_counter() - t0, batch_size=1,
+        nll = nll + NLL(loss.double().item() * w.scored, None, w.scored)
+    return _result(nll, len(ids), windows, context, stride, time.perf_counter() - t0, batch_size=1,
                    layer_major=False, passes=len(windows))
 
