@@ -100,3 +100,86 @@ def _fit_count(layer_bytes: list[int], room: int) -> int:
             return k
     return 0
 
+
+
+# --- several devices -----------------------------------------------------------------
+@dataclass(frozen=True)
+class DevicePlan:
+    """One device's contiguous share of the layers and its tier plan (global layer indices)."""
+
+    device: int
+    layers: range
+    plan: TierPlan
+
+
+def _shift(plan: TierPlan, start: int) -> TierPlan:
+    def sh(t: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(i + start for i in t)
+
+    return TierPlan(sh(plan.resident), sh(plan.host), sh(plan.disk), plan.slots, plan.slot_bytes, plan.fixed_bytes,
+                    plan.budget, plan.host_budget)
+
+
+def _streamed_bytes(layer_bytes: list[int], fixed_bytes: int, budget: int | None) -> int | None:
+    """Bytes a device streams per pass when it holds ``layer_bytes``; None when it cannot hold them at all."""
+    if not layer_bytes:
+        return 0
+    try:
+        p = plan_tiers(layer_bytes, fixed_bytes=fixed_bytes, budget=budget, host_budget=None)
+    except BudgetError:
+        return None
+    return sum(layer_bytes[i] for i in p.streamed)
+
+
+def partition_layers(layer_bytes: list[int], fixed_bytes: list[int], budgets: list[int | None]) -> list[range]:
+    """Contiguous layer ranges, one per device, that minimise the largest number of bytes any one
+    device streams per pass: each device streams its share over its own host link, in parallel,
+    so a pass costs about what the busiest link moves. Binary search on that maximum; for a given
+    maximum, each device takes layers greedily while its streamed bytes stay within it."""
+    n, d = len(layer_bytes), len(budgets)
+    if d < 1 or len(fixed_bytes) != d:
+        raise BudgetError("need one budget and one fixed cost per device")
+
+    def greedy(limit: int) -> list[range] | None:
+        out, start = [], 0
+        for k in range(d):
+            end = start
+            while end < n:
+                s = _streamed_bytes(layer_bytes[start:end + 1], fixed_bytes[k], budgets[k])
+                if s is None or s > limit:
+                    break
+                end += 1
+            out.append(range(start, end))
+            start = end
+        return out if start == n else None
+
+    lo, hi = 0, sum(layer_bytes)
+    best = greedy(hi)
+    if best is None:
+        raise BudgetError(f"the devices' budgets cannot hold this model even when streaming: each device needs its fixed "
+                          f"costs plus two slots of {max(layer_bytes) / 2**20:.0f} MiB; raise the budgets")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        r = greedy(mid)
+        if r is None:
+            lo = mid + 1
+        else:
+            hi, best = mid, r
+    return best
+
+
+def plan_devices(layer_bytes: list[int], *, fixed_bytes: list[int], budgets: list[int | None],
+                 host_budget: int | None, max_slots: int = 4) -> list[DevicePlan]:
+    """Partition the layers over devices (see :func:`partition_layers`) and plan each share's tiers.
+    The host RAM budget is shared in layer order."""
+    plans, host_left = [], host_budget
+    for k, r in enumerate(partition_layers(layer_bytes, fixed_bytes, budgets)):
+        share = layer_bytes[r.start:r.stop]
+        if not share:
+            plans.append(DevicePlan(k, r, TierPlan((), (), (), 0, 0, fixed_bytes[k], budgets[k], host_left)))
+            continue
+        p = plan_tiers(share, fixed_bytes=fixed_bytes[k], budget=budgets[k], host_budget=host_left, max_slots=max_slots)
+        if host_left is not None:
+            host_left -= sum(share[i] for i in p.host)
+        plans.append(DevicePlan(k, r, _shift(p, r.start)))
+    return plans
