@@ -14,8 +14,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..errors import RecipeError
+from . import dequantize, quantize
 
 BUCKETS_PER_WEIGHT = 100  # budget units per weight: rounding loses at most one unit per weight (1%)
 
@@ -86,3 +88,21 @@ def _fill(choices: dict[str, list[Option]], pick: dict[str, int], budget_bits: i
         n, i, extra = best
         pick[n], bits = i, bits + extra
     return {n: choices[n][i] for n, i in pick.items()}
+
+
+def options_for(w: torch.Tensor, specs: list, *, input_scale: torch.Tensor | None = None) -> list[Option]:
+    """Quantize ``w`` [out, in] with each candidate spec and measure what it costs: the stored
+    bits and the error. Without calibration the error is the squared Frobenius norm of the weight
+    error (what the output error is for white inputs); with ``input_scale`` [in] (the mean squared
+    input activation of each input feature, from calibration text) each column is weighted by it,
+    the diagonal of the layer's input second moment."""
+    out = []
+    wf = w.float()
+    for spec in specs:
+        packed, meta = quantize(w, spec)
+        err = (dequantize(packed, meta, dtype=torch.float32) - wf).square()
+        if input_scale is not None:
+            err = err * input_scale.to(err.device)
+        bits = 8 * sum(t.numel() * t.element_size() for t in packed.values())
+        out.append(Option(spec, bits, float(err.sum())))
+    return out
