@@ -143,10 +143,14 @@ def _ids(vocab: int, seed: int = 1) -> torch.Tensor:
 
 
 def _qstream_logits(tmp_path, model, ids) -> torch.Tensor:
+    """qstream's logits of the fp32 shards; layer-major evaluation (perplexity) must agree."""
     out = shard_to(tmp_path, model, "fp32", compute_dtype="float32")
     m = qstream.load(out, device="cpu", max_seq=64, max_batch=2)
     try:
-        return m(ids)
+        got = m(ids)
+        (lm,) = m.layer_major([{"input_ids": ids}], lambda j, h: m.logits(h))
+        torch.testing.assert_close(lm, got, rtol=RTOL, atol=ATOL, msg="layer-major")
+        return got
     finally:
         m.close()
 
