@@ -58,15 +58,18 @@ def _tensor_table(path: Path) -> tuple[str, dict[str, _Tensor]]:
                                   tuple(int(x) for x in reversed(t.shape))) for t in r.tensors}
 
 
-def _dequantize(blob: np.ndarray, t: _Tensor) -> np.ndarray:
-    """float32 array of shape t.shape, as gguf.dequantize gives transformers."""
+def _dequantize(path: Path, t: _Tensor) -> np.ndarray:
+    """float32 array of shape t.shape, as gguf.dequantize gives transformers.
+
+    The tensor's bytes are mapped for this call only: pages of a map kept open for the whole
+    run would count as resident memory until the end (the safetensors reader does the same)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
 
     qtype = GGMLQuantizationType(t.ggml_type)
     block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
     row_bytes = t.shape[-1] // block_elems * block_bytes
-    raw = blob[t.offset:t.offset + t.nbytes].reshape(*t.shape[:-1], row_bytes)
-    return np.asarray(dequantize(raw, qtype), dtype=np.float32).reshape(t.shape)
+    raw = np.memmap(path, mode="r", dtype=np.uint8, offset=t.offset, shape=(t.nbytes,))
+    return np.asarray(dequantize(raw.reshape(*t.shape[:-1], row_bytes), qtype), dtype=np.float32).reshape(t.shape)
 
 
 @contextlib.contextmanager
@@ -119,12 +122,13 @@ def gguf_parts(path: Path) -> dict[str, Any]:
     try:
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
     except ValueError as e:  # "GGUF model with architecture X is not supported yet."
-        raise SourceError(f"{path}: transformers cannot load this GGUF ({e})") from None
+        raise SourceError(f"{path}: transformers cannot load this GGUF ({str(e).splitlines()[0]})") from None
     cfg = dict(parsed["config"])
     try:
         config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if not k.startswith("_")})
     except (ValueError, KeyError) as e:
-        raise SourceError(f"{path}: transformers cannot build a config for GGUF architecture {arch!r} ({e})") from None
+        raise SourceError(f"{path}: transformers cannot build a config for GGUF architecture {arch!r} "
+                          f"({str(e).splitlines()[0]})") from None
     skeleton = meta_skeleton(config, str(path))
     # keyed by the file's own general.architecture, exactly as load_gguf_checkpoint does
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=cfg)
@@ -144,16 +148,16 @@ def gguf_parts(path: Path) -> dict[str, Any]:
             log.info("%s: GGUF tensor %s has no transformers parameter; skipped (as transformers does)", path.name, g)
             continue
         sources.setdefault(hf, []).append(g)
-    blob = np.memmap(path, mode="r", dtype=np.uint8)  # pages are read only when a tensor is
 
     def read(name: str) -> torch.Tensor:
         # a fresh parsed_parameters per tensor: processors that assemble a tensor (MoE, GPT-2's
         # output) write into it; nothing else is kept, so RAM stays at one tensor
         state = {"config": cfg, "tensors": {}}
         for g in sources[name]:
-            res = processor.process(weights=_dequantize(blob, table[g]), name=g, tensor_key_mapping=gguf_to_hf,
+            res = processor.process(weights=_dequantize(path, table[g]), name=g, tensor_key_mapping=gguf_to_hf,
                                     parsed_parameters=state)
             if res.name is not None and res.name in gguf_to_hf:
+                # a copy: the weights may still be a view of the file's read-only map
                 state["tensors"][gguf_to_hf[res.name]] = torch.from_numpy(np.array(res.weights, dtype=np.float32))
         t = state["tensors"].get(name)
         if t is None or tuple(t.shape) != expected[name]:
@@ -174,6 +178,6 @@ def save_gguf_tokenizer(path: Path, out: Path) -> list[str]:
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError) as e:
-        raise SourceError(f"{path}: transformers cannot build a tokenizer from this GGUF ({e})") from None
+        raise SourceError(f"{path}: transformers cannot build a tokenizer from this GGUF ({str(e).splitlines()[0]})") from None
     tok.save_pretrained(out)
     return sorted(p.name for p in out.iterdir() if p.name not in before and not p.name.startswith("."))
