@@ -157,8 +157,8 @@ def _model_keys(skeleton, keys: list[str], where: str) -> dict[str, str]:
         if new not in meta and k in meta:  # as transformers does: keep the key, fixing only the prefix
             new, converted = rename_source_key(k, [], [], prefix, meta)
         if converted is not None:
-            raise SourceError(f"{where}: transformers converts checkpoint tensor {k!r} while loading (pattern {converted!r}); "
-                              "qstream reads tensors one to one: save the model again with save_pretrained and shard that")
+            raise SourceError(f"{where}: transformers converts checkpoint tensor {k!r} while loading (pattern {converted!r}, "
+                              "e.g. experts fused into one tensor); qstream reads tensors one to one and cannot shard this model yet")
         out[new] = k
     return out
 
