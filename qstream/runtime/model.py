@@ -146,7 +146,7 @@ class StreamedModel:
             if self.graphs is not None:
                 self.graphs.reset()  # graphs of another batch size point into the old cache
             self._static = None
-            cache = StaticCache(config=self.config, max_cache_len=self.max_seq, max_batch_size=batch)
+            cache = StaticCache(config=self.config, max_cache_len=self.max_seq)
             self._static = (batch, cache)
         if self.graphs is not None:
             self.graphs.active = cache
