@@ -90,3 +90,49 @@ def test_unknown_decode_mode_is_a_user_error(fp32_shards):
 
     with pytest.raises(QstreamError, match="unknown decode mode"):
         qstream.load(fp32_shards, device="cpu", decode="fast")
+
+
+class _ReplayedBody:
+    """Stands in for a CUDA graph on CPU: replay runs the captured function again on the
+    same static buffers, as a graph replays its kernels on the addresses it captured."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def replay(self):
+        self.body()
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_layer_graph_plumbing_gives_the_eager_tokens(fp32_shards, monkeypatch, streamed):
+    """The graph wrapper's static buffers (hidden state in and out, mask, rotary, positions
+    copied once per step) checked on CPU with a replay that re-runs the captured function:
+    an input not copied into its static buffer would change the tokens."""
+    import qstream
+    from qstream.runtime.graphs import LayerGraphs
+
+    monkeypatch.setattr(LayerGraphs, "_record", lambda self, body: (_ReplayedBody(body), None))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    _, eager, _ = _run(fp32_shards, "eager", ids, mask)
+    kw = {}
+    if streamed:
+        probe = qstream.load(fp32_shards, device="cpu", max_batch=2, max_seq=64)
+        kw["gpu_memory"] = probe.plan.fixed_bytes + 2 * max(probe.layer_bytes)
+        probe.close()
+    m = qstream.load(fp32_shards, device="cpu", decode="static", max_batch=2, max_seq=64, **kw)
+    try:
+        pipe = m.pipeline
+        m.graphs = LayerGraphs(m.layers, streamed=set(m.plan.streamed), device=m.device,
+                               slot_of=pipe.slot_of if pipe is not None else None)
+        got = generate_ids(m, ids, mask, SamplingConfig(max_new_tokens=12))
+        g = m.graphs
+        assert g.reason is None
+        if streamed:
+            assert len(m.plan.streamed) == 4 and pipe.nslots == 2
+        assert g.captures == 4  # 4 streamed layers cycle through 2 slots: each always lands in the same one
+        assert g.replays == 11 * 4
+        assert got.new_tokens == eager.new_tokens
+    finally:
+        m.close()

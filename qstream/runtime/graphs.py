@@ -61,7 +61,7 @@ class LayerGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], tuple] = {}  # extra (non-hidden) outputs of tuple-returning layers
         self.pool = None
-        self.stream = torch.cuda.Stream(device)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.active = None  # the cache object whose decode steps are graphed (set by the model)
         self.enabled = True  # False: every call runs eagerly (the model's warm-up step)
         self.capture_ok = True  # False: replay what exists, capture nothing new (eager for the rest)
@@ -175,38 +175,49 @@ class LayerGraphs:
         from .qlinear import QLinear
 
         kw = self._static_kwargs(kwargs)
+
+        def body():
+            out = orig(self.hidden, **kw)
+            self.hidden.copy_(out[0] if isinstance(out, tuple) else out)
+            return out
+
         qls = [m for m in self.layers[i].modules() if isinstance(m, QLinear)]
         saved = [q.stats for q in qls]
         for q in qls:
             q.stats = None  # timing events cannot live inside a graph
-        g = torch.cuda.CUDAGraph()
-        cur = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(cur)
         try:
-            with torch.cuda.stream(self.stream):
-                # thread_local: the disk reader thread may sync on events while this thread captures
-                g.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-                try:
-                    out = orig(self.hidden, **kw)
-                    h = out[0] if isinstance(out, tuple) else out
-                    self.hidden.copy_(h)
-                finally:
-                    g.capture_end()
+            g, out = self._record(body)
         except RuntimeError as e:  # a layer that cannot be captured: say so, run eagerly from now on
             self.disable(f"capturing layer {i} failed: {str(e).splitlines()[0]}")
-            torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             return None
         finally:
             for q, s in zip(qls, saved):
                 q.stats = s
-        cur.wait_stream(self.stream)
         if isinstance(out, tuple):
             self.outputs[key] = tuple(out[1:])
-        if self.pool is None:
-            self.pool = g.pool()
         self.graphs[key] = g
         self.captures += 1
         return g
+
+    def _record(self, body: Callable):
+        """A CUDA graph of ``body`` (captured on the side stream, into the shared pool) and
+        what ``body`` returned while being captured."""
+        g = torch.cuda.CUDAGraph()
+        cur = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(cur)
+        with torch.cuda.stream(self.stream):
+            # thread_local: the disk reader thread may sync on events while this thread captures
+            g.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                out = body()
+            finally:
+                g.capture_end()
+        cur.wait_stream(self.stream)
+        if self.pool is None:
+            self.pool = g.pool()
+        return g, out
 
     def describe(self) -> str:
         if self.reason:
