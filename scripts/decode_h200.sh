@@ -3,14 +3,16 @@
 # warm-up. Run from the directory holding qstream/ and scripts/, with the bitsandbytes wheel
 # in $QSTREAM_WHEELS (default .whl):
 #
-#     bash scripts/decode_h200.sh OUTDIR [stages...]      stages: probe tests shards bench generate (default: all)
+#     bash scripts/decode_h200.sh OUTDIR [stages...]
+#
+# stages: probe tests shards bench eagerbench batch8 generate diag (default: all but diag)
 #
 # Writes OUTDIR/log.txt (everything), OUTDIR/bench.json (one object per bench figure) and
 # OUTDIR/probe.txt. Synthetic nf4 shards (random codes) are written to /tmp/qs.
 set -u
 OUT=${1:?usage: decode_h200.sh OUTDIR [stages...]}
 shift
-STAGES=${*:-probe tests shards bench generate}
+STAGES=${*:-probe tests shards bench eagerbench batch8 generate}
 mkdir -p "$OUT" /tmp/qs /tmp/qs/json
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
@@ -49,9 +51,13 @@ if has bench; then
     bench nf4_unlimited_graph $L8 --new-tokens 96
     bench nf4_4GiB_graph $L8 --gpu-memory 4GiB --new-tokens 96
     bench l70b6_4GiB_graph $L70 --gpu-memory 4GiB --new-tokens 64
+fi
+if has eagerbench; then
     bench nf4_unlimited_eager_nowarmup $L8 --new-tokens 96 --decode eager --no-warmup
     bench nf4_4GiB_eager_nowarmup $L8 --gpu-memory 4GiB --new-tokens 96 --decode eager --no-warmup
     CUDA_MODULE_LOADING=EAGER bench nf4_unlimited_eager_nowarmup_modeager $L8 --new-tokens 96 --decode eager --no-warmup
+fi
+if has batch8; then
     bench nf4_4GiB_batch8_graph $L8 --gpu-memory 4GiB --new-tokens 32 --batch 8
 fi
 if has generate; then
@@ -62,6 +68,12 @@ if has generate; then
         timeout 120 python3 -m qstream.cli -v generate $L8 "${args[@]}" --no-chat --max-new-tokens 64 \
             --prompt "What is the capital of France? The answer is Paris." 2>&1 | grep -v "^INFO httpx" | tail -12
         echo "wall $(python3 -c "import time; print(round(time.time() - $t, 2))") s"
+    done
+fi
+if has diag; then
+    for v in "" "--sleep 12" "--gc-freeze"; do
+        stamp "eager start-up diagnosis, 8B nf4 all resident, fresh process $v"
+        timeout 90 python3 scripts/eager_start.py $L8 $v
     done
 fi
 python3 - "$OUT" <<'EOF'

@@ -131,8 +131,11 @@ def test_layer_graph_plumbing_gives_the_eager_tokens(fp32_shards, monkeypatch, s
         assert g.reason is None
         if streamed:
             assert len(m.plan.streamed) == 4 and pipe.nslots == 2
-        assert g.captures == 4  # 4 streamed layers cycle through 2 slots: each always lands in the same one
-        assert g.replays == 11 * 4
+        # 4 streamed layers cycle through 2 slots (each always lands in the same one): a graph
+        # each; all resident: one graph for the run of 4 layers
+        assert g.captures == (4 if streamed else 1)
+        assert g.covered() == set(range(4))
+        assert g.layer_replays == 11 * 4
         assert got.new_tokens == eager.new_tokens
     finally:
         m.close()

@@ -19,6 +19,10 @@ A graph bakes in addresses. What makes them fixed:
 - a streamed layer's tensors live in the staging slot the pipeline put it in: its graph
   is keyed by (layer, slot), and each key is captured once.
 
+Consecutive resident layers form one segment and share one graph (captured at the first
+layer of the run, replayed there; the other layers of the run then return the buffer at
+once): an all-resident 8B step is one replay instead of 32, and Python runs no layer code.
+
 Anything that does not fit (another batch size, a new kwargs layout, a failed capture)
 runs eagerly and ``reason`` says why.
 """
@@ -73,6 +77,21 @@ class LayerGraphs:
         self._copied: dict[str, tuple[int, Any]] = {}  # name -> (step, source object) copied this step
         self.captures = 0
         self.replays = 0
+        self.layer_replays = 0  # layer forwards served by replays
+        self._done = (-1, -1)  # (step, last layer) a segment replay has covered
+        # runs of consecutive resident layers: start -> last layer; member -> start
+        self.seg_end: dict[int, int] = {}
+        self.seg_of: dict[int, int] = {}
+        start = None
+        for i in range(len(layers) + 1):
+            resident = i < len(layers) and i not in streamed
+            if resident and start is None:
+                start = i
+            elif not resident and start is not None:
+                self.seg_end[start] = i - 1
+                for j in range(start + 1, i):
+                    self.seg_of[j] = start
+                start = None
         self._orig: dict[int, Callable] = {}
         for i, layer in enumerate(layers):
             self._orig[i] = layer.forward
@@ -90,6 +109,7 @@ class LayerGraphs:
         self.outputs.clear()
         self.static.clear()
         self._copied.clear()
+        self._done = (-1, -1)
         self.hidden = None
         self.sig = None
         self.pool = None
@@ -117,6 +137,12 @@ class LayerGraphs:
         return c is self.active
 
     def _run(self, i: int, orig: Callable, hidden: torch.Tensor, kwargs: dict):
+        if i in self.seg_of:
+            step, last = self._done
+            if step == self.step and last >= i and hidden is self.hidden:
+                extra = self.outputs.get((self.seg_of[i], -1))
+                return self.hidden if extra is None else (self.hidden, *extra)  # the segment's graph ran this layer
+            return orig(hidden, **kwargs)  # its segment ran eagerly
         key = (i, self.slot_of(i) if i in self.streamed else -1)
         g = self.graphs.get(key)
         if g is None and not self.capture_ok:
@@ -137,7 +163,10 @@ class LayerGraphs:
             if g is None:
                 return orig(hidden, **kwargs)
         g.replay()
+        last = self.seg_end.get(i, i)
+        self._done = (self.step, last)
         self.replays += 1
+        self.layer_replays += last - i + 1
         extra = self.outputs.get(key)
         return self.hidden if extra is None else (self.hidden, *extra)
 
@@ -175,13 +204,17 @@ class LayerGraphs:
         from .qlinear import QLinear
 
         kw = self._static_kwargs(kwargs)
+        run = range(i, self.seg_end.get(i, i) + 1)  # the layers this graph covers
 
         def body():
-            out = orig(self.hidden, **kw)
-            self.hidden.copy_(out[0] if isinstance(out, tuple) else out)
+            h = self.hidden
+            for j in run:
+                out = self._orig[j](h, **kw)
+                h = out[0] if isinstance(out, tuple) else out
+            self.hidden.copy_(h)
             return out
 
-        qls = [m for m in self.layers[i].modules() if isinstance(m, QLinear)]
+        qls = [m for j in run for m in self.layers[j].modules() if isinstance(m, QLinear)]
         saved = [q.stats for q in qls]
         for q in qls:
             q.stats = None  # timing events cannot live inside a graph
@@ -219,10 +252,16 @@ class LayerGraphs:
             self.pool = g.pool()
         return g, out
 
+    def covered(self) -> set[int]:
+        """The layers some captured graph runs."""
+        return {j for (i, _) in self.graphs for j in range(i, self.seg_end.get(i, i) + 1)}
+
     def describe(self) -> str:
         if self.reason:
             return f"eager decode ({self.reason})"
-        return f"CUDA-graph decode: {len(self.graphs)} layer graphs captured, {self.replays} replays"
+        return (f"CUDA-graph decode: {len(self.graphs)} graphs covering {len(self.covered())} of {len(self.layers)} layers "
+                f"({len(self.seg_end)} resident runs, {len(self.streamed)} streamed layers x their slots), "
+                f"{self.replays} replays so far")
 
 
 class _PerLayerInputs(RuntimeError):

@@ -81,6 +81,7 @@ class StreamedModel:
         if self.decode_mode == "graph":
             self.graphs = LayerGraphs(layers, streamed=set(plan.streamed), device=device,
                                       slot_of=pipeline.slot_of if pipeline is not None else None)
+            self.hooks.set_runs(self.graphs.seg_end)  # profile timers per replayed run, not per layer
         if warmup and device.type == "cuda":
             self.warm_up()
 
