@@ -42,7 +42,7 @@ STATIC_ATTN = ("sdpa", "eager")
 log = logging.getLogger(__name__)
 
 
-def static_cache_problem(config, device: torch.device, kv_offload: bool) -> str | None:
+def static_cache_problem(config, kv_offload: bool) -> str | None:
     """Why a static KV cache (and so CUDA-graph decode) cannot serve this model, or None."""
     if kv_offload:
         return "the KV cache is offloaded to host RAM under this budget"
@@ -91,7 +91,7 @@ class StreamedModel:
             raise QstreamError(f"unknown decode mode {decode!r}; use one of {', '.join(DECODE_MODES)}")
         if decode == "eager":
             return "eager", "eager (asked for): dynamic KV cache, layers launched kernel by kernel"
-        problem = static_cache_problem(self.config, self.device, self.kv_offload)
+        problem = static_cache_problem(self.config, self.kv_offload)
         if problem:
             return "eager", f"eager: no static KV cache because {problem}"
         if decode == "static":
@@ -101,7 +101,7 @@ class StreamedModel:
                 return "static", f"static KV cache; no CUDA graphs on {self.device.type}"
             # auto on CPU: the dynamic cache attends only over the tokens so far (faster than static)
             return "eager", f"eager: CUDA graphs need a CUDA device, this model runs on {self.device.type}"
-        return "graph", "CUDA graphs per decoder layer over a static KV cache"
+        return "graph", "CUDA graphs (one per run of resident layers, one per streamed layer and slot) over a static KV cache"
 
     def set_profile(self, on: bool) -> None:
         """Turn the timing breakdown on or off (CUDA events cost a little on the hot path)."""
@@ -207,6 +207,8 @@ class StreamedModel:
         hidden, kwargs = self._embed_batches(batches)
         hooks = self.hooks
         hooks.manual = True
+        runs = hooks.runs
+        hooks.set_runs({})  # a layer runs once per batch here: time layers, not graph runs
         try:
             for i, layer in enumerate(self.layers):
                 streamed = i in hooks.streamed
@@ -221,6 +223,7 @@ class StreamedModel:
                     on_layer(i)
         finally:
             hooks.manual = False
+            hooks.set_runs(runs)
         norm = self._final_norm()
         return [head(j, norm(x)) for j, x in enumerate(hidden)]
 
