@@ -179,7 +179,7 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
     max_batch / max_seq: the largest batch and sequence the budget must leave room for.
     verify: recompute every shard checksum first (slow for big models; see `qstream verify`).
     cold_disk: drop disk-tier files from the page cache after each read (honest disk benchmarks).
-    decode: "auto" (CUDA graphs per layer over a static KV cache on CUDA, eager on CPU), "graph",
+    decode: "auto" (CUDA graphs of decoder layers over a static KV cache on CUDA, eager on CPU), "graph",
         "static" (static cache, no graphs) or "eager" (dynamic cache); see runtime/graphs.py.
     warmup: on CUDA, run a short generation before returning (kernels, graphs), so that the
         first real steps run at full speed and the cost shows up as load time.
