@@ -52,6 +52,12 @@ class GenerationResult:
     peak_gpu_bytes: int | None
     timing: dict = field(default_factory=dict)  # decode steps only
     prefill_timing: dict = field(default_factory=dict)
+    step_s: list[float] = field(default_factory=list)  # wall time of each decode step, token on the host
+
+    @property
+    def first_token_s(self) -> float:
+        """Time to first token: the prefill and the first sample, on the host."""
+        return self.prefill_s
 
     @property
     def s_per_token(self) -> float:
@@ -152,10 +158,31 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache, chunk: int) -> 
 
 def decode_one_token(model, tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
     """One step: tokens [B] at positions ``pos`` [B]; ``mask`` [B, L] already covers them.
-    Returns logits [B, V]."""
+    Returns logits [B, V]. On a static cache the model prepares the 4-D mask itself (its
+    decoder layers then replay as CUDA graphs, see runtime/graphs.py)."""
     B = tok.shape[0]
-    return model(tok.view(B, 1), attention_mask=mask, position_ids=pos.view(B, 1), past_key_values=cache,
-                 cache_position=torch.tensor([mask.shape[1] - 1]), logits_to_keep=1)[:, -1]
+    prepared = model.decode_mask(mask, cache) if hasattr(model, "decode_mask") else None
+    return model(tok.view(B, 1), attention_mask=mask if prepared is None else prepared, position_ids=pos.view(B, 1),
+                 past_key_values=cache, cache_position=torch.tensor([mask.shape[1] - 1]), logits_to_keep=1)[:, -1]
+
+
+def decode_n_tokens(model, next_tok: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, cfg: SamplingConfig,
+                    gen: torch.Generator | None, out: "_Outputs",
+                    seen: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Decode until every sequence is done (``out.add`` says so). Returns the final mask and
+    the wall time of each step (token on the host: ``.cpu()`` waits for the device).
+    ``seen`` [B, V] (repetition penalty) is updated with every token."""
+    B = next_tok.shape[0]
+    step_s = []
+    while not out.add(next_tok):
+        t = time.perf_counter()
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+        pos = pos + 1
+        if seen is not None:
+            seen.scatter_(1, next_tok.view(B, 1), True)
+        next_tok = sample(decode_one_token(model, next_tok, mask, pos, cache), cfg, gen, seen).cpu()
+        step_s.append(time.perf_counter() - t)
+    return mask, step_s
 
 
 class _Outputs:
@@ -207,7 +234,7 @@ def generate_ids(model, ids: torch.Tensor, mask: torch.Tensor, cfg: SamplingConf
     B, T = ids.shape
     dev = model.device
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    cache = model.new_cache()
+    cache = model.new_cache(B, T + cfg.max_new_tokens)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     model.reset_timing()
@@ -224,16 +251,10 @@ def generate_ids(model, ids: torch.Tensor, mask: torch.Tensor, cfg: SamplingConf
     model.reset_timing()
 
     out = _Outputs(B, cfg, eos, tokenizer, on_text)
-    steps = 0
     t1 = time.perf_counter()
     pos = (mask.sum(-1) - 1).clamp(min=0)  # [B]: position of each sequence's last token
-    while not out.add(next_tok):
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
-        pos = pos + 1
-        if seen is not None:
-            seen.scatter_(1, next_tok.view(B, 1), True)
-        next_tok = sample(decode_one_token(model, next_tok, mask, pos, cache), cfg, gen, seen).cpu()
-        steps += 1
+    _, step_s = decode_n_tokens(model, next_tok, mask, pos, cache, cfg, gen, out, seen)
     decode_s = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-    return GenerationResult(out.texts(), out.tokens, T, prefill_s, decode_s, steps, peak, model.timing(), prefill_timing)
+    return GenerationResult(out.texts(), out.tokens, T, prefill_s, decode_s, len(step_s), peak, model.timing(),
+                            prefill_timing, step_s)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Where does a streamed decode step spend its time? Runs a few decode steps of a shard
 directory under a budget with torch.profiler and prints the top ops by CPU and CUDA time,
-plus s/token with profiling events on/off and the fused 4-bit kernel on/off.
+plus s/token with profiling events on/off and the fused 4-bit kernel on/off. Uses the eager
+decode path (layers launched op by op), which is what these op-level numbers are about.
 
     python3 scripts/profile_runtime.py DIR --gpu-memory 2GiB [--trace out.json]
 """
@@ -31,7 +32,7 @@ def main() -> None:
     from qstream.runtime.qlinear import QLinear
 
     for profile in (True, False):
-        m = load(a.dir, device="cuda", gpu_memory=a.gpu_memory, max_seq=128, profile=profile)
+        m = load(a.dir, device="cuda", gpu_memory=a.gpu_memory, max_seq=128, profile=profile, decode="eager")
         decode_time(m, 4)
         for fused in (True, False):
             for q in m.hf.modules():

@@ -11,7 +11,8 @@ from .common import COMMON, add_runtime_args
 def _cmd_bench(a: argparse.Namespace) -> int:
     check_json_target(a.json)  # a bad --json path fails before the model loads
     r = bench(a.dir, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, batch=a.batch, device=a.device,
-              gpu_memory=a.gpu_memory, host_memory=a.host_memory, cold_disk=a.cold_disk)
+              gpu_memory=a.gpu_memory, host_memory=a.host_memory, cold_disk=a.cold_disk, decode=a.decode,
+              warmup=not a.no_warmup)
     print(format_bench(r))
     if a.json:
         write_result(a.json, r)
@@ -21,7 +22,9 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench", parents=[COMMON], help="measure prefill/decode speed, the breakdown and the ratio to the floor",
-                       description="Decode a random prompt and report s/token, tokens/s, peak memory, bytes streamed per "
+                       description="Load, then decode a random prompt with no hidden warm-up (run it in a fresh process: "
+                       "what you see is what a freshly started `qstream generate` gets) and report load time, time to first "
+                       "token, the first 16 / 32 decode steps and the steady state, s/token, tokens/s, peak memory, bytes streamed per "
                        "token, where the time goes, and the floor: streamed bytes over the bandwidth of their tier, "
                        "measured in the same run.")
     add_runtime_args(s)
@@ -29,5 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--new-tokens", type=int, default=32)
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--cold-disk", action="store_true", help="drop disk-tier shards from the page cache after each read")
+    s.add_argument("--decode", default="auto", choices=["auto", "graph", "static", "eager"],
+                   help="decode path: auto = CUDA graphs per layer over a static KV cache on CUDA, eager on CPU")
+    s.add_argument("--no-warmup", action="store_true",
+                   help="skip load()'s warm-up (diagnostics: shows what a cold first generation costs)")
     s.add_argument("--json", help="also write the result as JSON here")
     s.set_defaults(func=_cmd_bench)

@@ -74,34 +74,59 @@ def measure_floor(model, *, cold_disk: bool) -> tuple[dict[str, float], float, i
     return bw, floor_s, tiers["host"] + tiers["disk"]
 
 
+FIRST_STEPS = 16  # "first steps" figure: what a user of a freshly started process sees
+
+
+def step_figures(step_s: list[float]) -> dict:
+    """Per-step decode times -> the first 16 steps, the first 32 and the steady state
+    (median of the steps after the first 32, or of the second half when there are fewer)."""
+    import statistics
+
+    n = len(step_s)
+    steady = step_s[32:] if n >= 48 else step_s[n // 2:]
+    return {
+        "first_16_s_per_token": statistics.fmean(step_s[:FIRST_STEPS]) if n else None,
+        "first_32_s_per_token": statistics.fmean(step_s[:32]) if n else None,
+        "steady_s_per_token": statistics.median(steady) if steady else None,
+        "max_step_s": max(step_s) if n else None,
+        "step_ms": [round(x * 1000, 2) for x in step_s],
+    }
+
+
 def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, batch: int = 1, device: str = "auto",
-          gpu_memory=None, host_memory="auto", cold_disk: bool = False, seed: int = 0, warmup_s: float = 8.0) -> dict:
+          gpu_memory=None, host_memory="auto", cold_disk: bool = False, seed: int = 0, decode: str = "auto",
+          warmup: bool = True) -> dict:
+    """Fresh-process figures, with no hidden warm-up: load time (which includes qstream's own
+    warm-up, see StreamedModel.warm_up), time to first token, the first decode steps and the
+    steady state of the first generation after load; then a profiled pass for the breakdown
+    and the floor, measured in the same run. Run it in a new process for every figure."""
     if prompt_tokens < 1 or new_tokens < 2 or batch < 1:
         raise QstreamError("need --prompt-tokens >= 1, --new-tokens >= 2 and --batch >= 1")
     t0 = time.perf_counter()
     model = load(path, device=device, gpu_memory=gpu_memory, host_memory=host_memory, max_batch=batch,
-                 max_seq=prompt_tokens + new_tokens + 8, cold_disk=cold_disk)
+                 max_seq=prompt_tokens + new_tokens + 8, cold_disk=cold_disk, decode=decode,
+                 warmup=warmup)
     load_s = time.perf_counter() - t0
     try:
         vocab = model.config.vocab_size
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(100, vocab - 1, (batch, prompt_tokens), generator=g)
         mask = torch.ones_like(ids)
-        # warm-up: kernels, allocator, GPU clocks. Measured on an H200: decode steps stay 2-3x slower
-        # for the first seconds after load (scripts/steady_state.py), so warm up for seconds, not steps
-        t_warm = time.perf_counter()
-        while time.perf_counter() - t_warm < warmup_s:
-            generate_ids(model, ids[:, :8], mask[:, :8], SamplingConfig(max_new_tokens=3))
-        # headline figures without timing events; then a profiled pass for the breakdown
+        # the headline: the first generation after load, without timing events
         model.set_profile(False)
         r = generate_ids(model, ids, mask, SamplingConfig(max_new_tokens=new_tokens))
+        steps = step_figures(r.step_s)
         model.set_profile(True)
         rp = generate_ids(model, ids, mask, SamplingConfig(max_new_tokens=min(new_tokens, 16)))
         plan = model.plan
         bw, floor_s, streamed = measure_floor(model, cold_disk=cold_disk)
         s_tok = r.s_per_token
         t = rp.timing
-        steps = max(rp.decode_steps, 1)
+        nprof = max(rp.decode_steps, 1)
+
+        def ratio(x):
+            return floor_s / x if streamed and x else None
+
         out = {
             "command": " ".join(sys.argv),
             "shards": str(path),
@@ -114,20 +139,26 @@ def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, ba
             "batch": batch,
             "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens,
+            "decode_mode": model.describe_decode(),
             "plan": {"resident": len(plan.resident), "host": len(plan.host), "disk": len(plan.disk), "slots": plan.slots},
             "load_s": load_s,
+            "warmup_s": model.warmup_s,
+            "first_token_s": r.first_token_s,
             "prefill_s": r.prefill_s,
             "prefill_tokens_per_s": batch * prompt_tokens / r.prefill_s,
             "decode_s_per_token": s_tok,
             "decode_tokens_per_s": r.tokens_per_s,
+            **steps,
             "peak_gpu_gib": None if r.peak_gpu_bytes is None else r.peak_gpu_bytes / 2**30,
             "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "streamed_bytes_per_token": streamed,
             "achieved_gb_per_s": streamed / s_tok / 1e9 if streamed else None,
             "bandwidth_gb_per_s": {k: v / 1e9 for k, v in bw.items()},
             "floor_s_per_token": floor_s if streamed else None,
-            "floor_ratio": floor_s / s_tok if streamed else None,
-            "breakdown_s_per_token": {k: t[k] / steps for k in ("read_s", "copy_s", "dequant_s", "compute_only_s", "stall_s")},
+            "floor_ratio": ratio(s_tok),
+            "floor_ratio_first_32": ratio(steps["first_32_s_per_token"]),
+            "floor_ratio_steady": ratio(steps["steady_s_per_token"]),
+            "breakdown_s_per_token": {k: t[k] / nprof for k in ("read_s", "copy_s", "dequant_s", "compute_only_s", "stall_s")},
             "profiled_s_per_token": rp.s_per_token,
             "shard_bytes": sum(f.size for f in model.manifest.files),
         }
@@ -143,10 +174,16 @@ def format_bench(r: dict) -> str:
     lines = [
         f"machine: {r['machine'].get('gpu', r['machine']['cpu'])} ({r['device']}), plan: {r['plan']}",
         f"prefill: {r['prompt_tokens']} x {r['batch']} tokens in {r['prefill_s']:.3f} s ({r['prefill_tokens_per_s']:.1f} tokens/s)",
-        f"decode:  {r['decode_s_per_token']:.4f} s/token, {r['decode_tokens_per_s']:.2f} tokens/s (batch {r['batch']})",
+        f"load:    {r['load_s']:.2f} s (warm-up {r['warmup_s']:.2f} s); decode: {r['decode_mode']}",
+        f"first token {r['first_token_s'] * 1000:.1f} ms after load; decode ms/token: first 16 steps "
+        f"{f(r['first_16_s_per_token'] and r['first_16_s_per_token'] * 1000, '{:.2f}')}, first 32 "
+        f"{f(r['first_32_s_per_token'] and r['first_32_s_per_token'] * 1000, '{:.2f}')}, steady "
+        f"{f(r['steady_s_per_token'] and r['steady_s_per_token'] * 1000, '{:.2f}')} (max step {r['max_step_s'] * 1000:.1f})",
+        f"decode:  {r['decode_s_per_token']:.4f} s/token, {r['decode_tokens_per_s']:.2f} tokens/s (batch {r['batch']}, all steps)",
         f"memory:  peak GPU {f(r['peak_gpu_gib'], '{:.2f}')} GiB, peak host {r['peak_host_gib']:.2f} GiB",
         f"stream:  {r['streamed_bytes_per_token'] / 2**20:.1f} MiB/token, achieved {f(r['achieved_gb_per_s'], '{:.1f}')} GB/s, "
-        f"floor {f(r['floor_s_per_token'], '{:.4f}')} s/token, floor ratio {f(r['floor_ratio'], '{:.2f}')}",
+        f"floor {f(r['floor_s_per_token'], '{:.4f}')} s/token, floor ratio {f(r['floor_ratio'], '{:.2f}')} "
+        f"(first 32 steps {f(r['floor_ratio_first_32'], '{:.2f}')}, steady {f(r['floor_ratio_steady'], '{:.2f}')})",
         "bandwidth (same run): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in r["bandwidth_gb_per_s"].items()),
         "breakdown per token (profiled pass, " + f"{r['profiled_s_per_token']:.4f} s/token): "
         + ", ".join(f"{k.removesuffix('_s')} {v * 1000:.1f} ms" for k, v in r["breakdown_s_per_token"].items()),

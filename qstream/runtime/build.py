@@ -169,7 +169,7 @@ def _read_tiers(manifest: Manifest, entries: list[FileEntry], headers: list, pla
 def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_memory: str | int | None = None,
          host_memory: str | int | None = "auto", max_batch: int = 1, max_seq: int | None = None, prefill_chunk: int = 512,
          max_slots: int = 4, profile: bool = True, verify: bool = False, cold_disk: bool = False,
-         progress: bool = True) -> StreamedModel:
+         progress: bool = True, decode: str = "auto", warmup: bool = True) -> StreamedModel:
     """Open a shard directory for inference.
 
     gpu_memory: budget on the compute device ("4GiB"; None = unlimited) covering weights,
@@ -179,6 +179,10 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
     max_batch / max_seq: the largest batch and sequence the budget must leave room for.
     verify: recompute every shard checksum first (slow for big models; see `qstream verify`).
     cold_disk: drop disk-tier files from the page cache after each read (honest disk benchmarks).
+    decode: "auto" (CUDA graphs of decoder layers over a static KV cache on CUDA, eager on CPU), "graph",
+        "static" (static cache, no graphs) or "eager" (dynamic cache); see runtime/graphs.py.
+    warmup: on CUDA, run a short generation before returning (kernels, graphs), so that the
+        first real steps run at full speed and the cost shows up as load time.
     """
     dev = resolve_device(device)
     manifest = read_manifest(path)
@@ -228,4 +232,5 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
                             paths={i: manifest.path(layer_entries[i]) for i in plan.streamed},
                             headers={i: headers[i] for i in plan.streamed}, slots=max(plan.slots, 2),
                             slot_bytes=plan.slot_bytes, stats=stats, profile=profile, cold=cold_disk)
-    return StreamedModel(manifest, hf, plan, dev, dtype, layers, pipeline, bindings, stats, layer_bytes, kv_offload, profile)
+    return StreamedModel(manifest, hf, plan, dev, dtype, layers, pipeline, bindings, stats, layer_bytes, kv_offload, profile,
+                         max_batch=max_batch, max_seq=max_seq, decode=decode, warmup=warmup)

@@ -59,15 +59,33 @@ class StreamHooks:
         self.layers, self.streamed, self.bindings, self.pipeline, self.stats = layers, streamed, bindings, pipeline, stats
         self.device, self.profile = device, profile
         self.manual = False  # layer-major mode drives acquire/release itself
+        # runs of resident layers timed as one (start -> last layer): with CUDA graphs a run is
+        # one replay, and per-layer events would cost more than the run's compute
+        self.runs: dict[int, int] = {}
         self._handles: list = []
         self._t_layer: dict[int, object] = {}
         self.install()
 
     def install(self) -> None:
+        ends = {e: s for s, e in self.runs.items()}
         for i, layer in enumerate(self.layers):
-            if i in self.streamed or self.profile:
-                self._handles.append(layer.register_forward_pre_hook(self._pre(i, i in self.streamed)))
-                self._handles.append(layer.register_forward_hook(self._post(i, i in self.streamed)))
+            streamed = i in self.streamed
+            if not (streamed or self.profile):
+                continue
+            pre, post = (i, i) if streamed or not self.runs else (None, None)
+            if not streamed and i in self.runs:
+                pre, post = i, (i if self.runs[i] == i else None)
+            elif not streamed and i in ends:
+                post = ends[i]  # stops the timer its run's first layer started
+            if pre is not None:
+                self._handles.append(layer.register_forward_pre_hook(self._pre(pre, streamed)))
+            if post is not None:
+                self._handles.append(layer.register_forward_hook(self._post(post, streamed)))
+
+    def set_runs(self, runs: dict[int, int]) -> None:
+        self.remove()
+        self.runs = dict(runs)
+        self.install()
 
     def remove(self) -> None:
         for h in self._handles:

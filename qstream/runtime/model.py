@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import math
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +16,9 @@ import torch
 from torch import nn
 
 from ..errors import QstreamError
+from ..generate import SamplingConfig, generate_ids
 from ..store.manifest import Manifest
+from .graphs import LayerGraphs
 from .hooks import Binding, StreamHooks
 from .pipeline import Pipeline
 from .plan import TierPlan
@@ -30,12 +35,36 @@ def cache_kw() -> str:
     return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
+DECODE_MODES = ("auto", "graph", "static", "eager")
+# attention implementations whose masks qstream can build itself for static-cache decode steps
+# (sdpa: boolean, True = attend; eager: additive float); others keep the dynamic cache
+STATIC_ATTN = ("sdpa", "eager")
+
+log = logging.getLogger(__name__)
+
+
+def static_cache_problem(config, kv_offload: bool) -> str | None:
+    """Why a static KV cache (and so CUDA-graph decode) cannot serve this model, or None."""
+    if kv_offload:
+        return "the KV cache is offloaded to host RAM under this budget"
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in STATIC_ATTN:
+        return f"attention implementation {impl!r} takes no prepared masks"
+    types = getattr(config, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return "the model has sliding-window or other non-full attention layers"
+    if types is None and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "the model uses sliding-window attention"
+    return None
+
+
 class StreamedModel:
     """Use ``qstream.load(...)`` to make one."""
 
     def __init__(self, manifest: Manifest, hf: nn.Module, plan: TierPlan, device: torch.device, compute_dtype: torch.dtype,
                  layers: nn.ModuleList, pipeline: Pipeline | None, bindings: dict[int, Binding], stats: Stats,
-                 layer_bytes: list[int], kv_offload: bool, profile: bool):
+                 layer_bytes: list[int], kv_offload: bool, profile: bool, max_batch: int = 1, max_seq: int | None = None,
+                 decode: str = "auto", warmup: bool = True):
         self.manifest, self.hf, self.plan, self.device, self.dtype = manifest, hf, plan, device, compute_dtype
         self.config = hf.config
         self.layers, self.pipeline, self.stats = layers, pipeline, stats
@@ -43,6 +72,37 @@ class StreamedModel:
         self.kv_offload = kv_offload
         self.profile = profile
         self.hooks = StreamHooks(layers, set(plan.streamed), bindings, pipeline, stats, device=device, profile=profile)
+        self.max_batch = max_batch
+        self.max_seq = max_seq or min(manifest.max_positions or 4096, 4096)
+        self.graphs: LayerGraphs | None = None
+        self._static: tuple[int, object] | None = None  # (batch, StaticCache) reused by every generation
+        self.warmup_s = 0.0
+        self.decode_mode, self.decode_note = self._decode_mode(decode)
+        log.info("decode: %s", self.decode_note)
+        if self.decode_mode == "graph":
+            self.graphs = LayerGraphs(layers, streamed=set(plan.streamed), device=device,
+                                      slot_of=pipeline.slot_of if pipeline is not None else None)
+            self.hooks.set_runs(self.graphs.seg_end)  # profile timers per replayed run, not per layer
+        if warmup and device.type == "cuda":
+            self.warm_up()
+
+    def _decode_mode(self, decode: str) -> tuple[str, str]:
+        """The decode path this model will use, and a line saying why (shown by -v)."""
+        if decode not in DECODE_MODES:
+            raise QstreamError(f"unknown decode mode {decode!r}; use one of {', '.join(DECODE_MODES)}")
+        if decode == "eager":
+            return "eager", "eager (asked for): dynamic KV cache, layers launched kernel by kernel"
+        problem = static_cache_problem(self.config, self.kv_offload)
+        if problem:
+            return "eager", f"eager: no static KV cache because {problem}"
+        if decode == "static":
+            return "static", "static KV cache, no CUDA graphs (asked for)"
+        if self.device.type != "cuda":
+            if decode == "graph":
+                return "static", f"static KV cache; no CUDA graphs on {self.device.type}"
+            # auto on CPU: the dynamic cache attends only over the tokens so far (faster than static)
+            return "eager", f"eager: CUDA graphs need a CUDA device, this model runs on {self.device.type}"
+        return "graph", "CUDA graphs (one per run of resident layers, one per streamed layer and slot) over a static KV cache"
 
     def set_profile(self, on: bool) -> None:
         """Turn the timing breakdown on or off (CUDA events cost a little on the hot path)."""
@@ -67,10 +127,50 @@ class StreamedModel:
         return [self.manifest.path(files[i]) for i in layers]
 
     # -- running -------------------------------------------------------------------
-    def new_cache(self):
+    def new_cache(self, batch: int | None = None, length: int | None = None):
+        """A KV cache for ``batch`` sequences of up to ``length`` tokens: the model's static
+        cache (reset, same addresses, so captured graphs stay valid) when the decode mode uses
+        one and it is large enough, else a fresh dynamic cache."""
         from transformers import DynamicCache
 
+        if self.decode_mode != "eager" and batch is not None and length is not None and length <= self.max_seq:
+            return self.static_cache(batch)
         return DynamicCache(config=self.config, offloading=self.kv_offload)
+
+    @torch.inference_mode()
+    def static_cache(self, batch: int):
+        from transformers import StaticCache
+
+        if self._static is not None and self._static[0] == batch:
+            cache = self._static[1]
+            cache.reset()
+        else:
+            if self.graphs is not None:
+                self.graphs.reset()  # graphs of another batch size point into the old cache
+            self._static = None
+            cache = StaticCache(config=self.config, max_cache_len=self.max_seq)
+            self._static = (batch, cache)
+        if self.graphs is not None:
+            self.graphs.active = cache
+        return cache
+
+    def is_static(self, cache) -> bool:
+        return self._static is not None and cache is self._static[1]
+
+    def decode_mask(self, mask: torch.Tensor, cache) -> torch.Tensor | None:
+        """The 4-D attention mask of a single-token step on the static cache, made from the 2-D
+        padding mask [B, L] of the sequence so far: [B, 1, 1, max_seq], True / 0.0 where a token
+        may be attended. Built here so transformers skips its own mask code (Python work and a
+        new tensor every step); None for a dynamic cache (the model builds its mask then)."""
+        if not self.is_static(cache):
+            return None
+        B, L = mask.shape
+        m = torch.zeros(B, 1, 1, self.max_seq, dtype=torch.bool)
+        m[:, 0, 0, :L] = mask.bool()
+        m = m.to(self.device)
+        if getattr(self.config, "_attn_implementation", "eager") == "sdpa":
+            return m
+        return torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill_(~m, torch.finfo(self.dtype).min)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
@@ -91,6 +191,8 @@ class StreamedModel:
             **kw,
         )
         self.stats.forwards += 1
+        if self.graphs is not None and past_key_values is not None and past_key_values is self.graphs.active:
+            self.graphs.step += 1  # per-step inputs are copied into the graphs' buffers once per step
         return out.logits
 
     __call__ = forward
@@ -106,6 +208,8 @@ class StreamedModel:
         hidden, kwargs = self._embed_batches(batches)
         hooks = self.hooks
         hooks.manual = True
+        runs = hooks.runs
+        hooks.set_runs({})  # a layer runs once per batch here: time layers, not graph runs
         try:
             for i, layer in enumerate(self.layers):
                 streamed = i in hooks.streamed
@@ -120,6 +224,7 @@ class StreamedModel:
                     on_layer(i)
         finally:
             hooks.manual = False
+            hooks.set_runs(runs)
         norm = self._final_norm()
         return [head(j, norm(x)) for j, x in enumerate(hidden)]
 
@@ -161,6 +266,50 @@ class StreamedModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.hf.get_output_embeddings()(hidden)  # [B, S, V]
 
+    @torch.inference_mode()
+    def warm_up(self, prompt_tokens: int = 4, steps: int | None = None) -> float:
+        """Run a short generation so that a fresh process decodes at full speed from its first
+        step: kernels load, cuBLAS and bitsandbytes initialise, the static cache is allocated
+        and every decode graph is captured (a streamed layer needs one graph per staging slot
+        it can land in: lcm(streamed, slots) / streamed steps visit them all). Called by
+        load(), so its time counts as load time. Returns the seconds it took."""
+        t = time.perf_counter()
+        n = len(self.plan.streamed)
+        slots = self.pipeline.nslots if self.pipeline is not None else 1
+        cycle = math.lcm(n, slots) // n if n else 1
+        steps = steps or cycle + 2  # captures of every (layer, slot) key, then replays only
+        vocab = self.config.vocab_size
+        ids = torch.arange(prompt_tokens).remainder(vocab).repeat(self.max_batch, 1)
+        was = self.profile
+        self.set_profile(False)
+        try:
+            side = self.graphs.stream if self.graphs is not None else None
+            if side is not None:
+                # the eager warm-up step runs on the stream graphs are captured on, so that
+                # per-stream state (cuBLAS workspaces) exists before any capture
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                self.graphs.enabled = False
+                try:
+                    with torch.cuda.stream(side):
+                        generate_ids(self, ids, torch.ones_like(ids), SamplingConfig(max_new_tokens=2))
+                finally:
+                    self.graphs.enabled = True
+                torch.cuda.current_stream(self.device).wait_stream(side)
+            generate_ids(self, ids, torch.ones_like(ids), SamplingConfig(max_new_tokens=steps))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        finally:
+            self.set_profile(was)
+            self.reset_timing()
+        self.warmup_s = time.perf_counter() - t
+        log.info("warm-up %.2f s; decode: %s", self.warmup_s, self.describe_decode())
+        return self.warmup_s
+
+    def describe_decode(self) -> str:
+        if self.graphs is not None:
+            return self.graphs.describe()
+        return self.decode_note
+
     def timing(self) -> dict:
         """The breakdown since load (or the last ``reset_timing``): seconds and bytes."""
         d = self.stats.as_dict()
@@ -173,6 +322,9 @@ class StreamedModel:
     def close(self) -> None:
         """Remove every hook and stop the reader thread."""
         self.hooks.remove()
+        if self.graphs is not None:
+            self.graphs.remove()
+        self._static = None
         if self.pipeline is not None:
             self.pipeline.close()
 

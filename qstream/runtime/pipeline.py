@@ -123,6 +123,9 @@ class Pipeline:
         self.issued = 0  # global index of the next item to load
         self.consumed = 0  # global index of the item compute needs next
         self._held: dict[int, tuple[int, object]] = {}
+        # tests only: spin the copy stream this many GPU cycles before each copy, so that a
+        # consumer that does not wait for the copy reads stale data and fails
+        self.copy_delay_cycles = 0
 
     # global index g -> (layer, disk global index)
     def _layer(self, g: int) -> int:
@@ -147,6 +150,8 @@ class Pipeline:
         else:
             src = self.host[layer]
         with torch.cuda.stream(s):
+            if self.copy_delay_cycles:
+                torch.cuda._sleep(self.copy_delay_cycles)
             done = self.stats.timed("copy_s", s) if self.profile else None
             self.slot_bufs[k][:n].copy_(src[:n], non_blocking=True)
             if done:
@@ -217,6 +222,11 @@ class Pipeline:
         self.stats.bytes_streamed += hdr.data_size
         self.consumed = g + 1
         return v
+
+    def slot_of(self, layer: int) -> int:
+        """The staging slot an acquired layer is in (CUDA): its tensors' addresses, which a
+        CUDA graph of the layer bakes in."""
+        return self._held[layer][0] % self.nslots
 
     def release(self, layer: int) -> None:
         g, d = self._held.pop(layer)
