@@ -39,11 +39,13 @@ def _cmd_verify(a: argparse.Namespace) -> int:
         print(f"MISSING  {name}")
     for name in rep.corrupt:
         print(f"CORRUPT  {name}")
+    for problem in rep.invalid:
+        print(f"INVALID  {problem}")
     if rep.passed:
-        print(f"OK: {len(rep.ok)} files match their checksums")
+        print(f"OK: {len(rep.ok)} files match their checksums; the manifest is complete and matches every header")
         return 0
-    print(f"FAILED: {len(rep.missing)} missing, {len(rep.corrupt)} corrupt of {len(rep.ok) + len(rep.missing) + len(rep.corrupt)}; "
-          "re-run `qstream shard` on the recipe to rewrite them", file=sys.stderr)
+    print(f"FAILED: {len(rep.missing)} missing, {len(rep.corrupt)} corrupt, {len(rep.invalid)} inconsistent; "
+          "re-run `qstream shard` on the recipe to rewrite the directory", file=sys.stderr)
     return 1
 
 
