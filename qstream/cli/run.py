@@ -7,23 +7,51 @@ import sys
 from pathlib import Path
 
 from ..errors import QstreamError
-from ..generate import SamplingConfig, generate, load_tokenizer
-from .common import COMMON, add_runtime_args, open_model
+from ..generate import SamplingConfig, format_prompts, generate
+from ..store.manifest import read_manifest
+from .common import COMMON, add_runtime_args, check_text, open_model, open_tokenizer
+
+
+def _read_batch_file(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise QstreamError(f"batch file not found: {p}")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise QstreamError(f"batch file {p}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _check_lengths(a: argparse.Namespace, tok, prompts: list[str], chat: bool) -> None:
+    """A prompt (plus the tokens to generate) longer than the model's positions is an error, not a silent
+    run past what the model was trained on and its KV budget was sized for."""
+    max_pos = read_manifest(a.dir).max_positions
+    if not max_pos:
+        return
+    for i, text in enumerate(format_prompts(tok, prompts, chat=chat)):
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        if n + a.max_new_tokens > max_pos:
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+            raise QstreamError(f"{which} has {n} tokens; with --max-new-tokens {a.max_new_tokens} that exceeds the model's "
+                               f"max_position_embeddings ({max_pos}): shorten it or lower --max-new-tokens")
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    prompts = list(a.prompt or [])
+    prompts = [check_text(p, "--prompt") for p in (a.prompt or [])]
     if a.batch_file:
-        p = Path(a.batch_file)
-        if not p.is_file():
-            raise QstreamError(f"batch file not found: {p}")
-        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        prompts += _read_batch_file(a.batch_file)
     if not prompts:
         raise QstreamError("give a prompt with --prompt TEXT or a file of prompts (one a line) with --batch-file")
+    if a.max_new_tokens < 1:
+        raise QstreamError(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
     cfg = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, stop=tuple(a.stop or ()),
                          seed=a.seed, prefill_chunk=a.prefill_chunk, chat=not a.no_chat)
+    tok = open_tokenizer(a.dir)  # before the model: a bad tokenizer or prompt fails fast
+    _check_lengths(a, tok, prompts, cfg.chat)
     model = open_model(a, max_batch=len(prompts))
-    tok = load_tokenizer(a.dir)
     stream = len(prompts) == 1
 
     def on_text(i: int, delta: str) -> None:
