@@ -253,11 +253,11 @@ def _save_tokenizer(source, out: Path, journal: dict, reserved: set[str]) -> tup
     return names, sums
 
 
-def shard(recipe: Recipe, *, output: Path | None = None, force: bool = False, device: str | None = None, progress: bool = True) -> ShardResult:
+def shard(recipe: Recipe, *, output: str | Path | None = None, force: bool = False, device: str | None = None, progress: bool = True) -> ShardResult:
     """Run the pipeline for ``recipe``. See the module docstring."""
     target = output if output is not None else recipe.output
-    if not str(target).strip() or str(target) == ".":
-        raise ShardError("output directory is empty or '.'; name a directory for the shards")
+    if not str(target).strip():
+        raise ShardError("the output directory is empty; name a directory for the shards")
     out = Path(target)
     fingerprint = recipe.fingerprint()
     _check_not_source(out, recipe.model)

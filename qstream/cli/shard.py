@@ -54,8 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Read the model a recipe names, quantize each layer as the recipe says, and write one "
                        "safetensors file per layer plus a checksummed manifest. Rerunning after an interruption resumes.")
     s.add_argument("recipe", help="recipe YAML (see recipes/ and the README's recipe reference)")
-    s.add_argument("--output", type=Path, help="write here instead of the recipe's `output`")
-    s.add_argument("--force", action="store_true", help="replace shards of another model or recipe in the output directory")
+    s.add_argument("--output", help="write here instead of the recipe's `output`")
+    s.add_argument("--force", action="store_true", help="replace shards of another model or recipe in the output directory "
+                   "(removes only the files its manifest or journal lists; anything else stops the run)")
     s.add_argument("--device", choices=["cpu", "cuda"], help="where to quantize (default: cuda when available)")
     s.set_defaults(func=_cmd_shard)
 

@@ -19,7 +19,7 @@ from ..dtypes import DTYPES
 from ..errors import QstreamError, ShardError
 from ..store.inspect import verify as verify_dir
 from ..store.manifest import FileEntry, Manifest, read_manifest
-from ..store.check import check_tokenizer_files, checked_header, manifest_problems, raise_first, shape_problems
+from ..store.check import CONFIG_ERRORS, check_tokenizer_files, checked_header, manifest_problems, raise_first, shape_problems
 from ..store.integrity import FileCheck, file_check
 from ..store.tensors import read_file, views
 from .embedding import HostEmbedding
@@ -87,10 +87,10 @@ def skeleton(manifest: Manifest, dtype: torch.dtype) -> nn.Module:
     try:
         with init_empty_weights(include_buffers=False):
             hf = AutoModelForCausalLM.from_config(hf_config(manifest), dtype=dtype)
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, RuntimeError) as e:
-        # transformers validates configs piecemeal; each of these means "this config builds no model"
+    except CONFIG_ERRORS as e:
         raise ShardError(f"{manifest.root}/manifest.json: the model config does not build a model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-shard the model") from None
+                         f"({str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__}); "
+                         "re-shard the model") from None
     return hf.eval()
 
 

@@ -21,6 +21,20 @@ KINDS = ("embed", "layer", "head")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # config fields the runtime reads to size the model and its budget: positive integers
 CONFIG_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a config it cannot build: it validates piecemeal, and its strict
+    dataclass validation (huggingface_hub) raises its own Exception subclass."""
+    errors: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, AttributeError, IndexError,
+                                              ZeroDivisionError, RuntimeError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: configs are not strict dataclasses
+        return errors
+    return errors + (StrictDataclassError,)
+
+
+CONFIG_ERRORS = _config_errors()
 PASS_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}  # pass-through scheme -> safetensors dtype
 
 
@@ -181,11 +195,15 @@ def model_shapes(m) -> dict[str, tuple[int, ...]]:
         config.tie_word_embeddings = False
         with torch.device("meta"):
             hf = AutoModelForCausalLM.from_config(config)
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, RuntimeError) as e:
-        # transformers validates configs piecemeal; any of these means "this config does not build"
+    except CONFIG_ERRORS as e:
         raise ShardError(f"{m.root}/manifest.json: the model config does not build a model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-shard the model") from None
+                         f"({_first_line(e)}); re-shard the model") from None
     return {n: tuple(p.shape) for n, p in hf.named_parameters()}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__  # the cause comes last in chained validation errors
 
 
 def shape_problems(m, shapes: dict[str, tuple[int, ...]]) -> list[str]:
