@@ -19,7 +19,8 @@ from ..dtypes import DTYPES
 from ..errors import QstreamError, ShardError
 from ..store.inspect import verify as verify_dir
 from ..store.manifest import FileEntry, Manifest, read_manifest
-from ..store.check import CONFIG_ERRORS, check_tokenizer_files, checked_header, manifest_problems, raise_first, shape_problems
+from ..store.check import (CONFIG_ERRORS, check_tokenizer_files, checked_header, config_error, manifest_problems,
+                           raise_first, shape_problems)
 from ..store.integrity import FileCheck, file_check
 from ..store.tensors import read_file, views
 from .embedding import HostEmbedding
@@ -88,9 +89,7 @@ def skeleton(manifest: Manifest, dtype: torch.dtype) -> nn.Module:
         with init_empty_weights(include_buffers=False):
             hf = AutoModelForCausalLM.from_config(hf_config(manifest), dtype=dtype)
     except CONFIG_ERRORS as e:
-        raise ShardError(f"{manifest.root}/manifest.json: the model config does not build a model "
-                         f"({str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__}); "
-                         "re-shard the model") from None
+        raise config_error(manifest, e) from None
     return hf.eval()
 
 
@@ -221,9 +220,9 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
     layers = hf.get_submodule(manifest.layers_prefix)
     bindings = {i: Binding.of(hf, e) for i, e in enumerate(layer_entries)}
     _buffers_to(hf, dev)
-    checked_header(manifest, embed_e), checked_header(manifest, head_e)
-    _attach_embeddings(hf, read_file(manifest.path(embed_e), expected_size=embed_e.size, check=file_check(manifest, embed_e)), dev)
-    Binding.of(hf, head_e).apply(read_file(manifest.path(head_e), expected_size=head_e.size, device=dev,
+    _attach_embeddings(hf, read_file(manifest.path(embed_e), header=checked_header(manifest, embed_e),
+                                     check=file_check(manifest, embed_e)), dev)
+    Binding.of(hf, head_e).apply(read_file(manifest.path(head_e), header=checked_header(manifest, head_e), device=dev,
                                            check=file_check(manifest, head_e)))
 
     fixed, kv = fixed_bytes(hf, manifest, head_e, dtype, max_batch, max_seq, prefill_chunk)

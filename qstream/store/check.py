@@ -196,14 +196,15 @@ def model_shapes(m) -> dict[str, tuple[int, ...]]:
         with torch.device("meta"):
             hf = AutoModelForCausalLM.from_config(config)
     except CONFIG_ERRORS as e:
-        raise ShardError(f"{m.root}/manifest.json: the model config does not build a model "
-                         f"({_first_line(e)}); re-shard the model") from None
+        raise config_error(m, e) from None
     return {n: tuple(p.shape) for n, p in hf.named_parameters()}
 
 
-def _first_line(e: BaseException) -> str:
+def config_error(m, e: BaseException) -> ShardError:
+    """One line for a config transformers refuses; the cause comes last in chained validation errors."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[-1] if lines else type(e).__name__  # the cause comes last in chained validation errors
+    return ShardError(f"{m.root}/manifest.json: the model config does not build a model "
+                      f"({lines[-1] if lines else type(e).__name__}); re-shard the model")
 
 
 def shape_problems(m, shapes: dict[str, tuple[int, ...]]) -> list[str]:

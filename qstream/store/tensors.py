@@ -130,10 +130,11 @@ def read_into(path: Path, header: Header, buf: torch.Tensor, *, cold: bool = Fal
 
 
 def read_file(path: Path, *, expected_size: int | None = None, device: torch.device | str = "cpu",
-              check=None) -> dict[str, torch.Tensor]:
+              check=None, header: Header | None = None) -> dict[str, torch.Tensor]:
     """A whole shard file's tensors on ``device``: typed views of one buffer (one copy to the device).
-    ``check`` (a :class:`~qstream.store.integrity.FileCheck`) verifies the bytes as they are read."""
-    h = read_header(path, expected_size=expected_size)
+    ``check`` (a :class:`~qstream.store.integrity.FileCheck`) verifies the bytes as they are read;
+    ``header``, when the caller has read (and checked) it already."""
+    h = header or read_header(path, expected_size=expected_size)
     buf = torch.empty(h.data_size, dtype=torch.uint8)
     if check is not None:
         check.read_into(h, buf)
