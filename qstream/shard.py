@@ -5,6 +5,11 @@ layer, or the head) at a time, so peak RAM stays near two layers whatever the
 model's size. Every file is written atomically; a journal records finished files
 with their checksums so that a killed run resumes where it stopped; the manifest
 is written last, and only its presence marks the directory complete.
+
+Ownership: an fcntl lock (``.qstream.lock``) keeps one run per output directory;
+the journal names every file a run may create before the first exists; ``--force``
+removes only files a manifest or journal lists (and qstream's own temp files) and
+stops, naming it, at anything else. Outputs overlapping the source are refused.
 """
 from __future__ import annotations
 
