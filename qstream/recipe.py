@@ -115,6 +115,10 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
         bs = o.get("block_size", block_size)
         check_spec(o["scheme"], bs if get_scheme(o["scheme"]).block_sizes else None, where=f"{where}.block_size")
         overrides.append(Override(o["pattern"], o["scheme"], o.get("block_size")))
+    if not data["output"].strip():
+        raise RecipeError(f"{source}: field 'output' is empty; name a directory for the shards")
+    if "\0" in data["output"] or "\0" in data["model"]:
+        raise RecipeError(f"{source}: fields 'model' and 'output' must not contain NUL characters")
     output = Path(data["output"]).expanduser()
     return Recipe(
         model=data["model"],
@@ -127,12 +131,56 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last one silently)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)):
+            continue  # unhashable keys are refused by the schema check later
+        if key in seen:
+            raise RecipeError(f"{loader.name}: field {key!r} is given twice (line {key_node.start_mark.line + 1}); keep one")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+# magic bytes of model files people pass where a recipe belongs
+_MODEL_MAGIC = {b"GGUF": "a GGUF model file", b"PK\x03\x04": "a zip archive (a PyTorch checkpoint?)"}
+
+
+def _recipe_text(path: Path) -> str:
+    """The recipe's text; binary or non-UTF-8 files are one-line errors."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from None
+    for magic, what in _MODEL_MAGIC.items():
+        if raw.startswith(magic):
+            raise RecipeError(f"{path} is {what}, not a recipe; write a recipe YAML with `model: {path}` and pass that")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          "a recipe is a UTF-8 YAML file") from None
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
+    text = _recipe_text(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

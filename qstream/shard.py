@@ -5,27 +5,38 @@ layer, or the head) at a time, so peak RAM stays near two layers whatever the
 model's size. Every file is written atomically; a journal records finished files
 with their checksums so that a killed run resumes where it stopped; the manifest
 is written last, and only its presence marks the directory complete.
+
+Ownership: an fcntl lock (``.qstream.lock``) keeps one run per output directory;
+the journal names every file a run may create before the first exists; ``--force``
+removes only files a manifest or journal lists (and qstream's own temp files) and
+stops, naming it, at anything else. Outputs overlapping the source are refused.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import math
+import os
+import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from . import __version__
 from .dtypes import DTYPES, KEEP_SCHEME
-from .errors import ShardError
+from .errors import ShardError, SourceError
 from .quant import QuantSpec, get_scheme, quantize
 from .recipe import Recipe
-from .source import open_source, split_units
-from .store.files import atomic_write_bytes, safe_member, sha256_file
+from .source import ALIASES, open_source, smollm2_gguf, split_units
+from .store.files import atomic_write_bytes, fsync_dir, safe_member, sha256_file
+from .store.integrity import fast_digest
 from .store.manifest import JOURNAL, MANIFEST, FileEntry, manifest_files, read_owner, write_journal, write_manifest
 from .store.tensors import pack_stored, save_bytes
 
@@ -72,37 +83,237 @@ def plan_specs(recipe: Recipe, names: list[str], units: dict[str, list[str]], sh
     return specs
 
 
-def _check_output(out: Path, fingerprint: str, *, force: bool) -> dict:
-    """Refuse to write over another model; return the journal of a resumable run."""
+LOCK = ".qstream.lock"  # held (fcntl) for the whole run: one writer per output directory
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # atomic_write_bytes' and the tokenizer's temp names
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _source_path(model: str) -> Path | None:
+    """The local file or directory a recipe's model names (None for a hub id)."""
+    if model in ALIASES:
+        try:
+            return smollm2_gguf()
+        except SourceError:
+            return None  # open_source reports it
+    p = Path(model).expanduser()
+    return p if p.exists() else None
+
+
+def _check_not_source(out: Path, model: str) -> None:
+    """An output inside, equal to or containing the source would mix shards with the weights they come from."""
+    src = _source_path(model)
+    if src is None:
+        return
+    o, s = out.resolve(), src.resolve()
+    if o == s or s in o.parents or o in s.parents or (s.is_file() and o == s.parent):
+        raise ShardError(f"output {out} overlaps the source model {src}; choose an output directory outside it")
+
+
+def _owned_names(out: Path) -> tuple[str | None, dict, set[str]]:
+    """(owner fingerprint, journal of an unfinished run, the names qstream's manifest or journal lists as
+    its output). Only these (plus qstream's own temp and lock files) may ever be removed."""
+    owner, journal = read_owner(out)
+    names: set[str] = set()
+    if owner is None or owner == "unreadable":
+        return owner, journal, names
+    for meta in (MANIFEST, JOURNAL):
+        p = out / meta
+        if p.is_file():
+            names.add(meta)
+            try:
+                d = json.loads(p.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            files = d.get("files", {})
+            names.update(f.get("name") for f in files if isinstance(f, dict)) if isinstance(files, list) else names.update(files)
+            names.update(n for n in d.get("tokenizer_files", []) + d.get("planned", []) if isinstance(n, str))
+    return owner, journal, {n for n in names if isinstance(n, str) and "/" not in n and n not in (".", "..")}
+
+
+def _ours(name: str, owned: set[str]) -> bool:
+    return name in owned or name == LOCK or bool(_TMP_RE.match(name))
+
+
+def _check_output(out: Path, fingerprint: str, *, force: bool) -> tuple[dict, list[Path]]:
+    """Refuse to write over anything that is not qstream's output of this recipe. Returns the journal of a
+    resumable run and the files --force will remove (none is removed here: callers hold the lock first)."""
     if out.exists() and not out.is_dir():
         raise ShardError(f"output {out} exists and is not a directory")
     if not out.exists():
-        return {}
-    owner, journal = read_owner(out)
-    if owner is None and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        return {}, []
+    owner, journal, owned = _owned_names(out)
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name, owned))
+    if owner is None:
+        if foreign:
+            raise ShardError(f"output {out} is not empty and holds no qstream shards (it holds {foreign[0]!r}); "
+                             "choose a new or empty output directory")
+        return {}, []
+    if owner != fingerprint:
         if not force:
-            raise ShardError(f"output {out} is not empty and holds no qstream shards; choose another output or pass --force")
-    if owner is not None and owner != fingerprint:
-        if not force:
-            raise ShardError(f"output {out} holds shards of another model or recipe; choose another output or pass --force to replace them")
-        journal = {}
-    if force:
-        for p in out.iterdir():
-            if p.is_file() and (p.suffix == ".safetensors" or p.name in (MANIFEST, JOURNAL) or p.name.startswith(".")):
-                p.unlink()
-        return {}
-    if owner == fingerprint and (out / MANIFEST).is_file():
+            what = "an unreadable manifest or journal" if owner == "unreadable" else "shards of another model or recipe"
+            raise ShardError(f"output {out} holds {what}; choose another output, or pass --force to remove the files "
+                             "its manifest lists and write new ones")
+        if owner == "unreadable":
+            raise ShardError(f"output {out}: its manifest or journal is unreadable, so qstream cannot tell which files "
+                             "are its own; remove the directory yourself or choose another output")
+        if foreign:
+            raise ShardError(f"output {out}: --force removes only qstream's own files, and {foreign[0]!r} is not one; "
+                             "move it away or choose another output")
+        dirs = sorted(n for n in owned if (out / n).is_dir() and not (out / n).is_symlink())
+        if dirs:
+            raise ShardError(f"output {out}: its manifest lists {dirs[0]!r}, a directory; qstream writes only files: "
+                             "remove the directory yourself or choose another output")
+        return {}, sorted(p for p in out.iterdir() if p.name != LOCK and _ours(p.name, owned))
+    if (out / MANIFEST).is_file():
         # complete already: rebuild the journal from the manifest so every file is checked and skipped
         journal = {"fingerprint": fingerprint, "files": manifest_files(out)}
-    return journal
+    return journal, []
 
 
-def shard(recipe: Recipe, *, output: Path | None = None, force: bool = False, device: str | None = None, progress: bool = True) -> ShardResult:
+class _OutputLock:
+    """An advisory fcntl lock on ``DIR/.qstream.lock`` for the whole run; the file holds the holder's PID.
+    Removed on release while still locked; a waiter that locked the unlinked inode notices and retries."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ShardError(f"output {self.path.parent} is being written by another `qstream shard` (PID {holder}); "
+                                 "wait for it to finish or choose another output") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed the file between our open and our lock: take the new one
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _clean_stale_temps(out: Path) -> None:
+    """Temp files (``.NAME.tmp-PID``) of runs that died: their PID is gone. Only called under the lock."""
+    for p in out.iterdir():
+        m = _TMP_RE.match(p.name)
+        if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _save_tokenizer(source, out: Path, journal: dict, reserved: set[str]) -> tuple[list[str], dict[str, dict]]:
+    """Save the tokenizer into a temp directory, list what it wrote, record the names in the journal,
+    then rename each file into place: a crash leaves old files or new ones, never half a file."""
+    tmp = out / f".tokenizer.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        source.save_tokenizer(tmp)
+        names = sorted(p.name for p in tmp.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.name not in reserved and p.suffix != ".safetensors")
+        sums = {}
+        for n in names:
+            with open(tmp / n, "rb") as f:
+                data = f.read()
+                os.fsync(f.fileno())
+            sums[n] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        journal["planned"] = sorted(set(journal.get("planned", [])) | set(names))
+        write_journal(out, journal)
+        for n in names:
+            os.replace(tmp / n, out / n)
+        fsync_dir(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return names, sums
+
+
+def shard(recipe: Recipe, *, output: str | Path | None = None, force: bool = False, device: str | None = None, progress: bool = True) -> ShardResult:
     """Run the pipeline for ``recipe``. See the module docstring."""
-    out = Path(output or recipe.output)
+    target = output if output is not None else recipe.output
+    if not str(target).strip():
+        raise ShardError("the output directory is empty; name a directory for the shards")
+    out = Path(target)
     fingerprint = recipe.fingerprint()
-    journal = _check_output(out, fingerprint, force=force)  # before the slow source open: fail fast
-    source = open_source(recipe.model)
+    _check_not_source(out, recipe.model)
+    _check_output(out, fingerprint, force=force)  # before anything is created: fail fast, change nothing
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ShardError(f"cannot create output directory {out}: {e.strerror}") from None
+    lock = _OutputLock(out)
+    try:
+        try:
+            lock.acquire()  # creating the lock file also proves the directory is writable, before the slow source read
+        except OSError as e:
+            raise ShardError(f"cannot write to output directory {out}: {e.strerror}") from None
+        journal, remove = _check_output(out, fingerprint, force=force)  # again, now that no one else writes here
+        _clean_stale_temps(out)
+        source = _open_source(recipe.model)
+        _remove(remove)
+        return _write_all(recipe, source, out, fingerprint, journal, device, progress)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise ShardError(f"writing shards to {out} failed{where}: {e.strerror or e}; the directory is not marked "
+                         "complete: fix the cause and rerun to resume") from None
+    finally:
+        lock.release()
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no trace
+
+
+def _open_source(model: str):
+    """open_source, with the exceptions of the formats it parses turned into one-line SourceErrors."""
+    try:
+        return open_source(model)
+    except SafetensorError as e:
+        raise SourceError(f"model {model}: a weight file is not valid safetensors ({str(e).splitlines()[0]}); "
+                          "qstream reads only safetensors or GGUF, never pickles") from None
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise SourceError(f"model {model}: {e.strerror}: {e.filename}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as e:
+        raise SourceError(f"model {model}: unreadable index or config ({type(e).__name__}: {e})") from None
+
+
+def _read_source(source, name: str) -> torch.Tensor:
+    try:
+        return source.read(name)
+    except SafetensorError as e:
+        raise SourceError(f"{source.description}: cannot read tensor {name} ({str(e).splitlines()[0]})") from None
+
+
+def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dict, device: str | None,
+               progress: bool) -> ShardResult:
     prefix, units = split_units(source.names, source.layers_prefix)
     shapes = dict(source.shapes)
     read_as = {n: n for n in source.names}  # stored name -> source tensor it is made from
@@ -117,9 +328,12 @@ def shard(recipe: Recipe, *, output: Path | None = None, force: bool = False, de
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compute_dtype = DTYPES[recipe.compute_dtype]
 
-    out.mkdir(parents=True, exist_ok=True)
     done = dict(journal.get("files", {}))
-    journal = {"fingerprint": fingerprint, "files": done}
+    unit_files = [f"{unit}.safetensors" for unit in units]
+    # the journal names every file this run may create before the first of them exists, so a killed
+    # run is resumable and its files are known to be qstream's (--force removes only those)
+    journal = {"fingerprint": fingerprint, "files": done, "planned": unit_files}
+    write_journal(out, journal)
     t0 = time.perf_counter()
     written = resumed = moved = 0
     entries: list[FileEntry] = []
@@ -128,13 +342,13 @@ def shard(recipe: Recipe, *, output: Path | None = None, force: bool = False, de
         fname = f"{unit}.safetensors"
         path = safe_member(out, fname)
         if _intact(path, done.get(fname)):
-            entries.append(FileEntry.from_dict(done[fname]))
+            entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
             resumed += 1
             bar.update(1)
             continue
         tensors, metas = {}, {}
         for n in members:
-            w = source.read(read_as[n])
+            w = _read_source(source, read_as[n])
             moved += w.numel() * w.element_size()
             keyed, metas[n] = _store_tensor(n, w, specs[n], dev, compute_dtype)
             tensors.update(keyed)
@@ -143,7 +357,7 @@ def shard(recipe: Recipe, *, output: Path | None = None, force: bool = False, de
         del tensors
         atomic_write_bytes(path, data)
         kind, index = ("layer", int(unit.split("_")[1])) if unit.startswith("layer_") else (unit, None)
-        entry = FileEntry(fname, kind, index, len(data), hashlib.sha256(data).hexdigest(), metas)
+        entry = FileEntry(fname, kind, index, len(data), hashlib.sha256(data).hexdigest(), metas, fast_digest(data))
         del data
         entries.append(entry)
         done[fname] = entry.to_dict()
@@ -153,15 +367,22 @@ def shard(recipe: Recipe, *, output: Path | None = None, force: bool = False, de
         bar.update(1)
     bar.close()
 
-    tok_files = source.save_tokenizer(out)
+    tok_files, tok_sums = _save_tokenizer(source, out, journal, reserved={MANIFEST, JOURNAL, LOCK, *unit_files})
     dense = sum(2 * math.prod(shapes[n]) for n in shapes)  # the same weights in 16 bits
     write_manifest(out, version=__version__, fingerprint=fingerprint, source=source.description,
                    config=_config_dict(source.config), recipe=recipe.to_dict(), compute_dtype=recipe.compute_dtype,
                    layers_prefix=prefix, tied_head=tied, source_bytes=source.size_bytes, dense_bytes=dense, files=entries,
-                   tokenizer_files=tok_files)
+                   tokenizer_files=tok_files, tokenizer_checksums=tok_sums)
     seconds = time.perf_counter() - t0
     log.info("sharded %s into %s: %d files written, %d resumed", source.description, out, written, resumed)
     return ShardResult(out, source.size_bytes, dense, sum(e.size for e in entries), seconds, written, resumed)
+
+
+def _with_fast_hash(path: Path, entry: FileEntry) -> FileEntry:
+    """A resumed file from a run (or manifest) that predates the fast hash gets one now."""
+    if entry.xxh3 is not None:
+        return entry
+    return FileEntry(entry.name, entry.kind, entry.index, entry.size, entry.sha256, entry.tensors, fast_digest(path.read_bytes()))
 
 
 def _intact(path: Path, entry: dict | None) -> bool:

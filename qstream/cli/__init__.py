@@ -9,7 +9,7 @@ import sys
 from .. import __version__
 from ..errors import QstreamError
 from . import bench, eval, report, run, shard
-from .common import COMMON, resolve_dir
+from .common import resolve_dir
 
 EPILOG = """\
 examples:
@@ -31,10 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
         "stream the shards under a memory budget, and measure quality and speed.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[COMMON],
     )
+    # the top level's own -v/-q (not COMMON's: parents share action objects, and a default set here
+    # would reach every subcommand's copy and override a -q given before the subcommand)
+    p.add_argument("-v", "--verbose", action="store_true", help="log what qstream does and print timing breakdowns")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--version", action="version", version=f"qstream {__version__}")
-    p.set_defaults(verbose=False, quiet=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in GROUPS:
         group.register(sub)

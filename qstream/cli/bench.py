@@ -5,11 +5,12 @@ import argparse
 
 from ..eval.bench import bench, format_bench
 from ..eval.results import check_json_target, write_result
-from .common import COMMON, add_runtime_args
+from .common import COMMON, add_runtime_args, verify_first
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
     check_json_target(a.json)  # a bad --json path fails before the model loads
+    verify_first(a)
     r = bench(a.dir, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, batch=a.batch, device=a.device,
               gpu_memory=a.gpu_memory, host_memory=a.host_memory, cold_disk=a.cold_disk, decode=a.decode,
               warmup=not a.no_warmup)

@@ -7,7 +7,12 @@ import shlex
 import sys
 
 from ..resolve import DEFAULT_SCHEME, resolve_source
+from ..errors import QstreamError, ShardError
+from ..generate import load_tokenizer
 from ..runtime.build import load
+from ..store.check import check_tokenizer_files
+from ..store.inspect import verify
+from ..store.manifest import read_manifest
 
 # -v/-q work before or after the subcommand; SUPPRESS keeps the top-level value when absent
 COMMON = argparse.ArgumentParser(add_help=False)
@@ -32,6 +37,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="device memory budget, e.g. 4GiB (default: unlimited; layers that do not fit are streamed)")
     p.add_argument("--host-memory", default="auto", metavar="SIZE",
                    help="host RAM for caching streamed layers (default: half the free RAM; 0 = stream from disk)")
+    p.add_argument("--verify", action="store_true",
+                   help="recompute every checksum (sha256) before loading; without it each file is still checked "
+                   "with a fast hash as it is read")
 
 
 def progress(a: argparse.Namespace) -> bool:
@@ -46,8 +54,53 @@ def resolve_dir(a: argparse.Namespace) -> None:
 
 def open_model(a: argparse.Namespace, *, max_batch: int = 1, max_seq: int | None = None, **kw):
     """``load()`` with the command's runtime options."""
-    return load(a.dir, device=a.device, gpu_memory=a.gpu_memory, host_memory=a.host_memory, max_batch=max_batch,
-                max_seq=max_seq, progress=progress(a), **kw)
+    model = load(a.dir, device=a.device, gpu_memory=a.gpu_memory, host_memory=a.host_memory, max_batch=max_batch,
+                 max_seq=max_seq, progress=progress(a), verify=getattr(a, "verify", False), **kw)
+    note_host_memory(a, model)
+    return model
+
+
+def note_host_memory(a: argparse.Namespace, model) -> None:
+    """On CPU without --gpu-memory every layer is resident, so --host-memory has nothing to bound: say so
+    rather than ignore it silently."""
+    if model.device.type == "cpu" and a.gpu_memory is None and str(a.host_memory) not in ("auto", "None"):
+        print(f"qstream: note: --host-memory {a.host_memory} has no effect on CPU without --gpu-memory (every layer "
+              "is resident in RAM); give --gpu-memory SIZE to bound RAM and stream the rest from disk", file=sys.stderr)
+
+
+def verify_first(a: argparse.Namespace) -> None:
+    """--verify for commands that load the model through a library call (bench)."""
+    if getattr(a, "verify", False):
+        rep = verify(a.dir, progress=False)
+        if not rep.passed:
+            bad = [f"missing {n}" for n in rep.missing] + [f"corrupt {n}" for n in rep.corrupt] + rep.invalid
+            raise ShardError(f"{a.dir}: verify failed: {bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; "
+                             "re-run `qstream shard` on the recipe")
+
+
+def open_tokenizer(path):
+    """The shard directory's tokenizer, its files checked against the manifest first; a missing or
+    unreadable tokenizer is one line."""
+    m = read_manifest(path)
+    check_tokenizer_files(m)
+    if not m.tokenizer_files:
+        raise ShardError(f"{path} holds no tokenizer files (the source model had none); "
+                         "copy its tokenizer into the source and re-shard")
+    try:
+        return load_tokenizer(path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception for bad JSON; reported, not swallowed
+        raise ShardError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "re-shard the model") from None
+
+
+def check_text(value: str, what: str) -> str:
+    """Command-line text arrives as str with undecodable bytes escaped as surrogates: refuse them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise QstreamError(f"{what} is not valid UTF-8 (undecodable byte at position {e.start}); "
+                           "pass UTF-8 text") from None
+    return value
 
 
 def run_facts(a: argparse.Namespace, model) -> dict:

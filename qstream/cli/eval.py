@@ -11,9 +11,8 @@ from ..eval.data import DEFAULT_EVAL_CONTEXT, check_window_args, load_texts
 from ..eval.perplexity import perplexity
 from ..eval.reference import bnb_nf4_reference
 from ..eval.results import check_json_target, result_header, write_result
-from ..generate import load_tokenizer
 from ..store.manifest import read_manifest
-from .common import COMMON, add_runtime_args, command_line, open_model, progress, run_facts
+from .common import COMMON, add_runtime_args, command_line, open_model, open_tokenizer, progress, run_facts
 
 
 FEW_TOKENS = 1000  # below this a perplexity's standard error is large enough to mislead
@@ -44,10 +43,11 @@ def _cmd_ppl(a: argparse.Namespace) -> int:
               f"(unrounded twin {r['baseline_perplexity']:.4f}, delta {r['delta']:+.4f}, {100 * r['delta_rel']:+.2f}%)")
     else:
         lm = None if a.layer_major == "auto" else a.layer_major == "on"
+        tok = open_tokenizer(a.dir)  # before the model: a bad tokenizer fails fast
         model = open_model(a, max_batch=a.batch_size, max_seq=a.context)
         try:
             r = perplexity(model, texts, context=a.context, stride=stride, batch_size=a.batch_size, layer_major=lm,
-                           limit=a.limit, progress=progress(a))
+                           limit=a.limit, progress=progress(a), tokenizer=tok)
             run = run_facts(a, model)
         finally:
             model.close()
@@ -87,10 +87,11 @@ def _cmd_lm_eval(a: argparse.Namespace) -> int:
     harness.task_manager(tasks, a.include_path)  # unknown tasks fail before the model loads
     limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
     t0 = time.perf_counter()
+    tok = open_tokenizer(a.dir)
     model = open_model(a, max_batch=a.batch_size, max_seq=max_length + 1)
     try:
         res = harness.lm_eval_run(model, tasks, include_path=a.include_path, limit=limit, num_fewshot=a.num_fewshot,
-                          batch_size=a.batch_size, tokenizer=load_tokenizer(a.dir), max_length=max_length,
+                          batch_size=a.batch_size, tokenizer=tok, max_length=max_length,
                           apply_chat_template=a.apply_chat_template)
         run = run_facts(a, model)
     finally:

@@ -7,29 +7,32 @@ import sys
 from pathlib import Path
 
 from ..errors import QstreamError
-from ..generate import SamplingConfig, format_prompts, generate, load_tokenizer
+from ..generate import SamplingConfig, format_prompts, generate
 from ..runtime.build import default_max_seq
 from ..store.manifest import read_manifest
-from .common import COMMON, add_runtime_args, open_model
+from .common import COMMON, add_runtime_args, check_text, open_model, open_tokenizer
+
+
+def _read_batch_file(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise QstreamError(f"batch file not found: {p}")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise QstreamError(f"batch file {p}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 CHAT_COMMANDS = "/exit (or Ctrl-D) quits, /reset starts a new conversation"
 
 
-def _read_text(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise QstreamError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
-
-
 def _prompts(a: argparse.Namespace) -> list[str]:
     """--prompt (repeatable), --batch-file (one a line), else standard input when it is not a terminal."""
-    prompts = list(a.prompt or [])
+    prompts = [check_text(p, "--prompt") for p in (a.prompt or [])]
     if a.batch_file:
-        p = Path(a.batch_file)
-        if not p.is_file():
-            raise QstreamError(f"batch file not found: {p}")
-        prompts += [line.strip() for line in _read_text(p, "batch file").splitlines() if line.strip()]
+        prompts += _read_batch_file(a.batch_file)
     if not prompts and not sys.stdin.isatty():
         text = sys.stdin.read().strip()
         if text:
@@ -78,7 +81,7 @@ def _report(r, model, n_prompts: int, verbose: bool) -> None:
 def _cmd_generate(a: argparse.Namespace) -> int:
     prompts = _prompts(a)
     cfg = _sampling(a)
-    tok = load_tokenizer(a.dir)
+    tok = open_tokenizer(a.dir)  # before the model: a bad tokenizer or prompt fails fast
     model = open_model(a, max_batch=len(prompts), max_seq=kv_room(a, tok, prompts, cfg))
     stream = len(prompts) == 1
 
@@ -101,7 +104,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 def _cmd_chat(a: argparse.Namespace) -> int:
     cfg = _sampling(a)
-    tok = load_tokenizer(a.dir)
+    tok = open_tokenizer(a.dir)
     if not getattr(tok, "chat_template", None) and not a.no_chat:
         print("qstream: this model's tokenizer has no chat template; turns are joined as plain text", file=sys.stderr)
     room = a.max_context or default_max_seq(read_manifest(a.dir))

@@ -52,11 +52,13 @@ def _cmd_verify(a: argparse.Namespace) -> int:
         print(f"MISSING  {name}")
     for name in rep.corrupt:
         print(f"CORRUPT  {name}")
+    for problem in rep.invalid:
+        print(f"INVALID  {problem}")
     if rep.passed:
-        print(f"OK: {len(rep.ok)} files match their checksums")
+        print(f"OK: {len(rep.ok)} files match their checksums; the manifest is complete and matches every header")
         return 0
-    print(f"FAILED: {len(rep.missing)} missing, {len(rep.corrupt)} corrupt of {len(rep.ok) + len(rep.missing) + len(rep.corrupt)}; "
-          "re-run `qstream shard` on the recipe to rewrite them", file=sys.stderr)
+    print(f"FAILED: {len(rep.missing)} missing, {len(rep.corrupt)} corrupt, {len(rep.invalid)} inconsistent; "
+          "re-run `qstream shard` on the recipe to rewrite the directory", file=sys.stderr)
     return 1
 
 
@@ -73,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--block-size", type=int, help="with --model: block (group) size of the scheme")
     s.add_argument("--output", type=Path, help="write here instead of the recipe's `output` (with --model: default "
                    "the shard cache, $QSTREAM_CACHE or ~/.cache/qstream)")
-    s.add_argument("--force", action="store_true", help="replace shards of another model or recipe in the output directory")
+    s.add_argument("--force", action="store_true", help="replace shards of another model or recipe in the output directory "
+                   "(removes only the files its manifest or journal lists; anything else stops the run)")
     s.add_argument("--device", choices=["cpu", "cuda"], help="where to quantize (default: cuda when available)")
     s.set_defaults(func=_cmd_shard)
 

@@ -19,7 +19,10 @@ from ..dtypes import DTYPES
 from ..errors import QstreamError, ShardError
 from ..store.inspect import verify as verify_dir
 from ..store.manifest import FileEntry, Manifest, read_manifest
-from ..store.tensors import read_file, read_header, read_into, views
+from ..store.check import (CONFIG_ERRORS, check_tokenizer_files, checked_header, config_error, manifest_problems,
+                           raise_first, shape_problems)
+from ..store.integrity import FileCheck, file_check
+from ..store.tensors import read_file, views
 from .embedding import HostEmbedding
 from .hooks import Binding, set_param
 from .model import StreamedModel
@@ -82,8 +85,11 @@ def skeleton(manifest: Manifest, dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
-        hf = AutoModelForCausalLM.from_config(hf_config(manifest), dtype=dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            hf = AutoModelForCausalLM.from_config(hf_config(manifest), dtype=dtype)
+    except CONFIG_ERRORS as e:
+        raise config_error(manifest, e) from None
     return hf.eval()
 
 
@@ -148,7 +154,7 @@ def _buffers_to(hf: nn.Module, dev: torch.device) -> None:
 
 
 def _read_tiers(manifest: Manifest, entries: list[FileEntry], headers: list, plan, bindings: dict[int, Binding],
-                dev: torch.device, progress: bool) -> dict[int, torch.Tensor]:
+                dev: torch.device, progress: bool, checks: dict[int, FileCheck]) -> dict[int, torch.Tensor]:
     """Resident layers are read once and kept on the device for good; host-tier layers are read
     into (pinned, on CUDA) RAM and returned for the pipeline."""
     host_layers = {}
@@ -157,7 +163,7 @@ def _read_tiers(manifest: Manifest, entries: list[FileEntry], headers: list, pla
     with tqdm(total=total, unit="B", unit_scale=True, desc="load", disable=not progress or total < PROGRESS_MIN_BYTES) as bar:
         for i in todo:
             buf = torch.empty(headers[i].data_size, dtype=torch.uint8, pin_memory=dev.type == "cuda" and i in plan.host)
-            read_into(manifest.path(entries[i]), headers[i], buf)
+            checks[i].read_into(headers[i], buf)  # hashed while read: corrupt bytes never reach a tensor
             if i in plan.host:
                 host_layers[i] = buf
             else:
@@ -189,7 +195,11 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
     if verify:
         rep = verify_dir(path, progress=False)
         if not rep.passed:
-            raise ShardError(f"{path}: missing {rep.missing}, corrupt {rep.corrupt}; re-run `qstream shard`")
+            bad = [f"missing {n}" for n in rep.missing] + [f"corrupt {n}" for n in rep.corrupt] + rep.invalid
+            raise ShardError(f"{path}: verify failed: {bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; "
+                             "re-run `qstream shard` on the recipe")
+    raise_first(manifest.root, manifest_problems(manifest))  # completeness and the fields used below
+    check_tokenizer_files(manifest)
     dtype = DTYPES[manifest.compute_dtype]
     if dev.type == "cpu" and dtype == torch.float16:
         log.info("float16 compute on CPU is slow; consider compute_dtype bfloat16 or float32")
@@ -199,10 +209,12 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
 
     layer_entries = manifest.layer_files()
     embed_e, head_e = manifest.file("embed"), manifest.file("head")
-    headers = [read_header(manifest.path(e), expected_size=e.size) for e in layer_entries]
+    headers = [checked_header(manifest, e) for e in layer_entries]  # each header against the manifest
+    checks = {i: file_check(manifest, e) for i, e in enumerate(layer_entries)}
     layer_bytes = [h.data_size for h in headers]
 
     hf = skeleton(manifest, dtype)
+    raise_first(manifest.root, shape_problems(manifest, {n: tuple(p.shape) for n, p in hf.named_parameters()}))
     swap_linears(hf, manifest.files, dtype)
     stats = Stats()
     if profile:
@@ -212,8 +224,10 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
     layers = hf.get_submodule(manifest.layers_prefix)
     bindings = {i: Binding.of(hf, e) for i, e in enumerate(layer_entries)}
     _buffers_to(hf, dev)
-    _attach_embeddings(hf, read_file(manifest.path(embed_e), expected_size=embed_e.size), dev)
-    Binding.of(hf, head_e).apply(read_file(manifest.path(head_e), expected_size=head_e.size, device=dev))
+    _attach_embeddings(hf, read_file(manifest.path(embed_e), header=checked_header(manifest, embed_e),
+                                     check=file_check(manifest, embed_e)), dev)
+    Binding.of(hf, head_e).apply(read_file(manifest.path(head_e), header=checked_header(manifest, head_e), device=dev,
+                                           check=file_check(manifest, head_e)))
 
     fixed, kv = fixed_bytes(hf, manifest, head_e, dtype, max_batch, max_seq, prefill_chunk)
     # a KV cache that would crowd out two layer slots is offloaded to host RAM, layer by layer
@@ -225,12 +239,13 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
                       max_slots=max_slots)
     log.info("%s", plan.describe())
 
-    host_layers = _read_tiers(manifest, layer_entries, headers, plan, bindings, dev, progress)
+    host_layers = _read_tiers(manifest, layer_entries, headers, plan, bindings, dev, progress, checks)
     pipeline = None
     if plan.streamed:
         pipeline = Pipeline(device=dev, streamed=list(plan.streamed), host_layers=host_layers, disk_layers=list(plan.disk),
                             paths={i: manifest.path(layer_entries[i]) for i in plan.streamed},
                             headers={i: headers[i] for i in plan.streamed}, slots=max(plan.slots, 2),
-                            slot_bytes=plan.slot_bytes, stats=stats, profile=profile, cold=cold_disk)
+                            slot_bytes=plan.slot_bytes, stats=stats, profile=profile, cold=cold_disk,
+                            checks={i: checks[i] for i in plan.disk})
     return StreamedModel(manifest, hf, plan, dev, dtype, layers, pipeline, bindings, stats, layer_bytes, kv_offload, profile,
                          max_batch=max_batch, max_seq=max_seq, decode=decode, warmup=warmup)

@@ -27,8 +27,10 @@ class DiskReader:
     """A thread reading disk-tier layers, cyclically, into a ring of (pinned) host buffers."""
 
     def __init__(self, order: list[int], paths: dict[int, Path], headers: dict[int, Header], nbuf: int,
-                 buf_bytes: int, *, pin: bool, stats: Stats, start_pos: int = 0, cold: bool = False):
+                 buf_bytes: int, *, pin: bool, stats: Stats, start_pos: int = 0, cold: bool = False,
+                 checks: dict | None = None):
         self.order, self.paths, self.headers, self.stats, self.cold = order, paths, headers, stats, cold
+        self.checks = checks or {}  # layer -> FileCheck: every read (first and re-reads) is hashed
         self.bufs = [torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(nbuf)]
         self.free = [threading.Semaphore(1) for _ in range(nbuf)]
         self.ready: dict[int, threading.Event] = {}
@@ -56,7 +58,10 @@ class DiskReader:
                     self.copy_done[k].synchronize()  # the H2D copy out of this buffer has finished
                 layer = self.order[g % len(self.order)]
                 t = time.perf_counter()
-                read_into(self.paths[layer], self.headers[layer], self.bufs[k], cold=self.cold)
+                if layer in self.checks:
+                    self.checks[layer].read_into(self.headers[layer], self.bufs[k], cold=self.cold)
+                else:
+                    read_into(self.paths[layer], self.headers[layer], self.bufs[k], cold=self.cold)
                 self.stats.read_s += time.perf_counter() - t
                 self.stats.bytes_read += self.headers[layer].data_size
                 self._event(g).set()
@@ -97,7 +102,7 @@ class Pipeline:
 
     def __init__(self, *, device: torch.device, streamed: list[int], host_layers: dict[int, torch.Tensor],
                  disk_layers: list[int], paths: dict[int, Path], headers: dict[int, Header], slots: int,
-                 slot_bytes: int, stats: Stats, profile: bool, cold: bool = False):
+                 slot_bytes: int, stats: Stats, profile: bool, cold: bool = False, checks: dict | None = None):
         self.device, self.order, self.headers, self.stats, self.profile = device, streamed, headers, stats, profile
         self.pos = {layer: i for i, layer in enumerate(streamed)}
         self.host = host_layers  # layer -> CPU uint8 buffer (pinned on CUDA)
@@ -110,7 +115,7 @@ class Pipeline:
         self.reader = None
         if disk_order:
             self.reader = DiskReader(disk_order, paths, headers, max(2, slots), slot_bytes, pin=self.cuda, stats=stats,
-                                     cold=cold)
+                                     cold=cold, checks=checks)
         self.disk_cycle = len(disk_order)
         if self.cuda:
             self.slot_bufs = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
@@ -179,7 +184,7 @@ class Pipeline:
         if self.reader is not None:
             r = self.reader
             self.reader = DiskReader(r.order, r.paths, r.headers, len(r.bufs), r.bufs[0].numel(), pin=self.cuda,
-                                     stats=self.stats, start_pos=self._disk_index(g), cold=r.cold)
+                                     stats=self.stats, start_pos=self._disk_index(g), cold=r.cold, checks=r.checks)
             del r
 
     def acquire(self, layer: int) -> dict[str, torch.Tensor]:

@@ -3,6 +3,9 @@
 files     atomic writes, checksums, safe member names
 tensors   the safetensors dtype table, header validation, reads into buffers, the stored-name rule
 manifest  the typed Manifest (read and write)
+check     the one place that trusts or refuses a directory: manifest structure, completeness,
+          headers against the manifest, shapes against the config, tokenizer checksums
+integrity hashing files while they are read (xxh3_64; sha256 for older manifests)
 inspect   `qstream inspect` / `qstream verify`
 """
 from .files import atomic_write_bytes, atomic_write_json, safe_member, sha256_file

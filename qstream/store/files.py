@@ -59,3 +59,10 @@ def safe_member(root: Path, name: str, *, what: str = "manifest.json") -> Path:
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
         raise ShardError(f"{root / what}: refusing file name {name!r}: shard files must be plain names inside the directory")
     return root / name
+
+
+def config_digest(config: dict) -> str:
+    """sha256 of the model config in canonical JSON: the config lives inside manifest.json, so it
+    is checksummed there (a changed value would build a different model from the same weights)."""
+    canonical = json.loads(json.dumps(config))  # as read back from manifest.json (tuples -> lists)
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import ShardError
+from .check import header_problems, manifest_problems, model_shapes, shape_problems
 from .files import safe_member, sha256_file
 from .manifest import Manifest, read_manifest
+from .tensors import read_header
 
 
 def human(n: float) -> str:
@@ -52,24 +55,47 @@ class VerifyReport:
     ok: list[str]
     missing: list[str]
     corrupt: list[str]
+    invalid: list[str] = field(default_factory=list)  # the manifest or a header is inconsistent (one line each)
 
     @property
     def passed(self) -> bool:
-        return not self.missing and not self.corrupt
+        return not self.missing and not self.corrupt and not self.invalid
 
 
-def verify(root: str | Path, *, progress: bool = True) -> VerifyReport:
+def verify(root: str | Path, *, progress: bool = True, shapes: bool = True) -> VerifyReport:
+    """Every file's size and sha256, every header against the manifest, the manifest's completeness
+    and the fields the runtime relies on; ``shapes`` also builds the config's model on the meta
+    device and checks every stored shape against it."""
     m = read_manifest(root)
     ok, missing, corrupt = [], [], []
+    invalid = manifest_problems(m)
     for f in tqdm(m.files, desc="verify", unit="file", disable=not progress):
         p = safe_member(m.root, f.name)
         if not p.is_file():
             missing.append(f.name)
-        elif p.stat().st_size != f.size or sha256_file(p) != f.sha256:
+            continue
+        if p.stat().st_size != f.size or sha256_file(p) != f.sha256:
             corrupt.append(f.name)
-        else:
+            continue
+        try:
+            problems = header_problems(f, read_header(p, expected_size=f.size))
+        except ShardError as e:
+            problems = [str(e)]
+        invalid += problems
+        if not problems:
             ok.append(f.name)
+    sums = m.tokenizer_checksums
     for t in m.tokenizer_files:
-        if not safe_member(m.root, t).is_file():
+        p = safe_member(m.root, t)
+        if not p.is_file():
             missing.append(t)
-    return VerifyReport(ok, missing, corrupt)
+        elif t in sums and (p.stat().st_size != sums[t]["size"] or sha256_file(p) != sums[t]["sha256"]):
+            corrupt.append(t)
+        else:
+            ok.append(t)
+    if shapes:
+        try:
+            invalid += shape_problems(m, model_shapes(m))
+        except ShardError as e:
+            invalid.append(str(e))
+    return VerifyReport(ok, missing, corrupt, invalid)

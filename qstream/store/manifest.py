@@ -13,13 +13,15 @@ manifest through :class:`Manifest`'s typed accessors, never through raw dicts.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ShardError
-from .files import atomic_write_json, safe_member
+from .check import check_structure
+from .files import atomic_write_json, config_digest, safe_member
 
 FORMAT = "qstream-shards"
 VERSION = 1
@@ -35,14 +37,18 @@ class FileEntry:
     size: int
     sha256: str
     tensors: dict[str, dict]  # HF name -> meta (scheme, shape, dtype, block_size, stored)
+    xxh3: str | None = None  # fast whole-file hash checked on every read (absent in older manifests)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "index": self.index, "size": self.size, "sha256": self.sha256,
-                "tensors": self.tensors}
+        d = {"name": self.name, "kind": self.kind, "index": self.index, "size": self.size, "sha256": self.sha256}
+        if self.xxh3:
+            d["xxh3_64"] = self.xxh3
+        d["tensors"] = self.tensors
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> "FileEntry":
-        return FileEntry(d["name"], d["kind"], d.get("index"), int(d["size"]), d["sha256"], d["tensors"])
+        return FileEntry(d["name"], d["kind"], d.get("index"), int(d["size"]), d["sha256"], d["tensors"], d.get("xxh3_64"))
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,15 @@ class Manifest:
     def tokenizer_files(self) -> list[str]:
         return list(self.data.get("tokenizer_files", []))
 
+    @property
+    def tokenizer_checksums(self) -> dict[str, dict]:
+        """name -> {"size", "sha256"} of the tokenizer files (absent in older manifests: {})."""
+        return dict(self.data.get("tokenizer_checksums", {}))
+
+    @property
+    def config_sha256(self) -> str | None:
+        return self.data.get("config_sha256")
+
 
 def read_manifest(root: str | Path) -> Manifest:
     root = Path(root)
@@ -130,16 +145,14 @@ def read_manifest(root: str | Path) -> Manifest:
         data = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{mpath}: corrupt manifest ({e}); re-shard the model") from None
+    except OSError as e:
+        raise ShardError(f"{mpath}: cannot read ({e.strerror})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ShardError(f"{mpath}: not a qstream manifest")
     if data.get("version") != VERSION:
         raise ShardError(f"{mpath}: format version {data.get('version')} is not supported (this qstream reads {VERSION}); re-shard it")
-    m = Manifest(root, data)
-    for f in data.get("files", []):
-        safe_member(root, f.get("name"))
-    for t in m.tokenizer_files:
-        safe_member(root, t)
-    return m
+    check_structure(root, data)  # every field typed accessors rely on exists with the right type
+    return Manifest(root, data)
 
 
 def read_owner(root: Path) -> tuple[str | None, dict]:
@@ -167,7 +180,7 @@ def write_journal(root: Path, journal: dict) -> None:
 
 def write_manifest(root: Path, *, version: str, fingerprint: str, source: str, config: dict, recipe: dict,
                    compute_dtype: str, layers_prefix: str, tied_head: bool, source_bytes: int, dense_bytes: int,
-                   files: list[FileEntry], tokenizer_files: list[str]) -> dict[str, Any]:
+                   files: list[FileEntry], tokenizer_files: list[str], tokenizer_checksums: dict[str, dict] | None = None) -> dict[str, Any]:
     """Write manifest.json (last, atomically) and remove the journal: the directory is complete."""
     data = {
         "format": FORMAT,
@@ -185,6 +198,8 @@ def write_manifest(root: Path, *, version: str, fingerprint: str, source: str, c
         "dense_bytes": dense_bytes,
         "files": [e.to_dict() for e in files],
         "tokenizer_files": tokenizer_files,
+        "tokenizer_checksums": tokenizer_checksums or {},
+        "config_sha256": config_digest(config),
     }
     for t in tokenizer_files:
         safe_member(root, t)

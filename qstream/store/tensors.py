@@ -25,7 +25,8 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
 }
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
-MAIN = "data"  # the key of a packed tensor's main part in ``stored``
+MAIN = "data"
+HASH_STEP = 1 << 20  # bytes read then hashed at a time: fits the L2 of current CPUs, few syscalls  # the key of a packed tensor's main part in ``stored``
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Header:
     data_size: int
     tensors: dict[str, TensorSlot]
     metadata: dict[str, str]
+    prefix: bytes = b""  # the raw header bytes (length + JSON): the start of a whole-file hash
 
 
 def _corrupt(path: Path, why: str) -> ShardError:
@@ -60,7 +62,8 @@ def read_header(path: Path, *, expected_size: int | None = None) -> Header:
             (n,) = struct.unpack("<Q", raw)
             if n > min(size - 8, MAX_HEADER):
                 raise _corrupt(path, "header length out of range")
-            header = json.loads(f.read(n))
+            raw_json = f.read(n)
+            header = json.loads(raw_json)
     except FileNotFoundError:
         raise ShardError(f"missing shard file {path}; run `qstream verify {path.parent}`") from None
     except (ValueError, UnicodeDecodeError) as e:
@@ -83,7 +86,9 @@ def read_header(path: Path, *, expected_size: int | None = None) -> Header:
             slots[name] = TensorSlot(name, t["dtype"], tuple(t["shape"]), start, end)
     except (KeyError, TypeError, ValueError) as e:
         raise _corrupt(path, str(e)) from None
-    return Header(8 + n, data_size, slots, meta)
+    if not isinstance(meta, dict):
+        raise _corrupt(path, "__metadata__ is not a JSON object")
+    return Header(8 + n, data_size, slots, meta, raw + raw_json)
 
 
 def views(buf: torch.Tensor, header: Header) -> dict[str, torch.Tensor]:
@@ -92,11 +97,18 @@ def views(buf: torch.Tensor, header: Header) -> dict[str, torch.Tensor]:
     return {name: buf[s.start:s.end].view(ST_DTYPES[s.dtype]).view(s.shape) for name, s in header.tensors.items()}
 
 
-def read_into(path: Path, header: Header, buf: torch.Tensor, *, cold: bool = False) -> None:
+def read_into(path: Path, header: Header, buf: torch.Tensor, *, cold: bool = False, hashers: list = ()) -> None:
     """Read the data section of a shard file into ``buf`` (CPU, uint8, pinned or not).
     ``cold`` drops the file from the page cache afterwards, so the next read comes from the disk
-    (what a machine whose RAM cannot hold the model sees; used by benchmarks)."""
+    (what a machine whose RAM cannot hold the model sees; used by benchmarks).
+    ``hashers`` (hashlib-style) are fed the header bytes and then each chunk right after it is
+    read, while it is still in the CPU cache: a whole-file hash for the price of one pass over
+    cached bytes (see store/integrity.py)."""
     n = header.data_size
+    # without hashers one read call takes it all; with them, chunks small enough to stay in L2/L3
+    step = HASH_STEP if hashers else n
+    for h in hashers:
+        h.update(header.prefix)
     try:
         with open(path, "rb", buffering=0) as f:
             if cold:
@@ -105,9 +117,11 @@ def read_into(path: Path, header: Header, buf: torch.Tensor, *, cold: bool = Fal
             mv = memoryview(buf.numpy()).cast("B")[:n]
             got = 0
             while got < n:
-                r = f.readinto(mv[got:])
+                r = f.readinto(mv[got:min(got + step, n)])
                 if not r:
                     raise ShardError(f"shard file {path} is truncated; run `qstream verify {path.parent}`")
+                for h in hashers:
+                    h.update(mv[got:got + r])
                 got += r
             if cold:
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
@@ -115,11 +129,17 @@ def read_into(path: Path, header: Header, buf: torch.Tensor, *, cold: bool = Fal
         raise ShardError(f"missing shard file {path}; run `qstream verify {path.parent}`") from None
 
 
-def read_file(path: Path, *, expected_size: int | None = None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """A whole shard file's tensors on ``device``: typed views of one buffer (one copy to the device)."""
-    h = read_header(path, expected_size=expected_size)
+def read_file(path: Path, *, expected_size: int | None = None, device: torch.device | str = "cpu",
+              check=None, header: Header | None = None) -> dict[str, torch.Tensor]:
+    """A whole shard file's tensors on ``device``: typed views of one buffer (one copy to the device).
+    ``check`` (a :class:`~qstream.store.integrity.FileCheck`) verifies the bytes as they are read;
+    ``header``, when the caller has read (and checked) it already."""
+    h = header or read_header(path, expected_size=expected_size)
     buf = torch.empty(h.data_size, dtype=torch.uint8)
-    read_into(path, h, buf)
+    if check is not None:
+        check.read_into(h, buf)
+    else:
+        read_into(path, h, buf)
     return views(buf.to(device), h)
 
 
