@@ -86,7 +86,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--prefill-chunk", type=int, default=512, help="prefill long prompts this many tokens at a time")
     s.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     s.set_defaults(func=_cmd_generate)
-    for mod in ("evaluate", "bench", "report"):
+    for mod in ("evaluate", "bench", "report", "cli_serve"):
         try:
             m = __import__(f"qstream.{mod}", fromlist=["add_commands"])
         except ModuleNotFoundError as e:
