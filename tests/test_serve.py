@@ -26,7 +26,7 @@ httpx = pytest.importorskip("httpx")
 
 import qstream  # noqa: E402
 from conftest import make_tiny, shard_to  # noqa: E402
-from qstream.generate import SamplingConfig, generate, load_tokenizer  # noqa: E402
+from qstream.generate import SamplingConfig, format_prompts, generate, load_tokenizer  # noqa: E402
 from qstream.serve import ServeConfig, close_engine, create_app, open_engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -366,12 +366,16 @@ def test_cli_killed_server_restarts_and_startup_errors(tiny_shards, tmp_path):
 
 
 # -- the embedded real model ---------------------------------------------------------------
+NEAR_TIE = 0.5  # logits: bf16 carries ~3 significant digits, so top-2 gaps below this may flip with the batch's shape
+
+
 @pytest.mark.slow
 def test_real_model_chat_and_concurrency(tmp_path_factory):
     """SmolLM2-135M-Instruct (bf16): the chat template, real text, and concurrent chats.
-    Rule under concurrency (bf16 numerics change slightly with the batch's shape): a
-    single request must equal generate() exactly; concurrent outputs must equal their single-
-    request outputs on their first 8 tokens, and at least 3 of 4 in full."""
+    Rule under concurrency (bf16 numerics change slightly with the batch's shape, and greedy
+    decoding then flips at near-ties): a single request equals generate() exactly; a concurrent
+    output equals its single-request output up to the first token where the single-request
+    top-2 logit gap is below NEAR_TIE (all of it when there is none)."""
     shards = shard_to(tmp_path_factory.mktemp("serve-smollm2"), "smollm2-135m", "bf16")
     s = Server(shards, max_batch=4, max_context=512)
     model = qstream.load(shards, device="cpu")
@@ -379,18 +383,28 @@ def test_real_model_chat_and_concurrency(tmp_path_factory):
         tok = load_tokenizer(shards)
         c = s.client()
         qs = ["What is the capital of France?", "Name a primary color.", "What is 2+2?", "Say hello."]
-        want = [generate(model, tok, [q], SamplingConfig(max_new_tokens=24)).texts[0] for q in qs]
-        r = c.chat.completions.create(model=s.model, messages=[{"role": "user", "content": qs[0]}], max_tokens=24, temperature=0)
-        assert r.choices[0].message.content == want[0]
-        assert "Paris" in want[0]
+
+        def ask(q):
+            return c.chat.completions.create(model=s.model, messages=[{"role": "user", "content": q}], max_tokens=16,
+                                             temperature=0).choices[0].message.content
+
+        single = [ask(q) for q in qs]  # one at a time: a batch of one
+        assert single[0] == generate(model, tok, [qs[0]], SamplingConfig(max_new_tokens=16)).texts[0]
+        assert "Paris" in single[0]
         with cf.ThreadPoolExecutor(4) as ex:
-            futs = [ex.submit(lambda q: c.chat.completions.create(model=s.model, messages=[{"role": "user", "content": q}],
-                                                                  max_tokens=24, temperature=0), q) for q in qs]
-            got = [f.result(timeout=120).choices[0].message.content for f in futs]
-        enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-        assert all(enc(g)[:8] == enc(w)[:8] for g, w in zip(got, want)), (got, want)
-        assert sum(g == w for g, w in zip(got, want)) >= 3, (got, want)
+            got = [f.result(timeout=120) for f in [ex.submit(ask, q) for q in qs]]
         assert s.wait_idle()["max_batch_seen"] > 1
+        for q, one, many in zip(qs, single, got):
+            ids = tok(format_prompts(tok, [q], chat=True)[0], add_special_tokens=False)["input_ids"]
+            new = tok(one, add_special_tokens=False)["input_ids"]
+            with torch.inference_mode():
+                logits = model(torch.tensor([ids + new]))[0, len(ids) - 1:].float()
+            top2 = logits.topk(2, -1).values
+            ties = ((top2[:, 0] - top2[:, 1]) < NEAR_TIE).nonzero()
+            k = int(ties[0]) if len(ties) else len(new) + 1
+            assert many.startswith(tok.decode(new[:k], skip_special_tokens=True)), (q, one, many, k)
+            if k > len(new):
+                assert many == one
     finally:
         model.close()
         s.close()
