@@ -140,6 +140,32 @@ def reference(tiny_shards):
     model.close()
 
 
+# -- the batched cache ----------------------------------------------------------------
+def test_batch_cache_merge_select_trim():
+    """Merging left-pads the shorter side; dropping rows trims columns nobody uses."""
+    from transformers import DynamicCache
+
+    from qstream.serve import batch as kv
+
+    def cache(b, n, fill):
+        c = DynamicCache()
+        for layer in range(2):
+            c.update(torch.full((b, 2, n, 4), float(fill)), torch.full((b, 2, n, 4), -float(fill)), layer)
+        return c
+
+    c, m = kv.merge(None, None, cache(1, 5, 1), torch.ones(1, 5, dtype=torch.long))
+    c, m = kv.merge(c, m, cache(2, 3, 2), torch.ones(2, 3, dtype=torch.long))
+    assert m.tolist() == [[1] * 5, [0, 0, 1, 1, 1], [0, 0, 1, 1, 1]]
+    k = c.layers[1].keys
+    assert k.shape == (3, 2, 5, 4) and k[0].eq(1).all() and k[1:, :, :2].eq(0).all() and k[1:, :, 2:].eq(2).all()
+    c, m = kv.merge(c, m, cache(1, 7, 3), torch.ones(1, 7, dtype=torch.long))  # longer than the batch
+    assert m.shape == (4, 7) and m[:3, :2].eq(0).all() and c.layers[0].values[3].eq(-3).all()
+    c, m = kv.select(c, m, [1, 2])  # the two short rows: 4 leading columns are padding in both
+    assert m.tolist() == [[1, 1, 1], [1, 1, 1]] and c.layers[0].keys.shape == (2, 2, 3, 4) and c.get_seq_length() == 3
+    assert c.layers[0].keys.eq(2).all()
+    assert kv.select(c, m, []) == (None, None)
+
+
 # -- basic endpoints -----------------------------------------------------------------
 def test_models_health_and_completion_equals_generate(tiny_server, reference):
     c = tiny_server.client()
@@ -281,11 +307,17 @@ def test_disconnect_frees_the_slot(tiny_server):
         with h.stream("POST", tiny_server.url + "/v1/completions", json=body) as r:
             it = r.iter_lines()
             assert next(it).startswith("data: ")
-    # and a non-streaming client that gives up
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(tiny_server.url + "/v1/completions", json=dict(body, stream=False), timeout=0.5)
+    # and a non-streaming client that gives up once its request is running
+    raw = json.dumps(dict(body, stream=False)).encode()
+    with socket.create_connection(("127.0.0.1", tiny_server.port), timeout=TIMEOUT) as sk:
+        sk.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n" % len(raw) + raw)
+        deadline = time.monotonic() + TIMEOUT
+        while tiny_server.stats()["submitted"] < before["submitted"] + 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
     after = tiny_server.wait_idle()
-    assert after["cancelled"] - before["cancelled"] == 2
+    assert after["cancelled"] - before["cancelled"] == 2, (before, after)
     assert after["completed"] == before["completed"]  # neither ran to its 1500 tokens
     # and the server still serves
     assert tiny_server.client().completions.create(model=tiny_server.model, prompt="ok", max_tokens=3).usage.completion_tokens == 3

@@ -3,11 +3,13 @@ boundaries and leave when done, so every decode pass over the weights serves eve
 sequence. For a streamed model a pass costs nearly the same for 1 or 8 sequences, so the
 batch multiplies throughput.
 
-A joining sequence is prefilled alone (chunk by chunk, one chunk between two decode steps
-of the running batch, so running streams stall for one chunk at most), exactly as
-``generate_ids`` prefills a single prompt; its cache is then merged into the batch by left
-padding (see ``batch.py``). A single request therefore computes what ``generate()`` computes,
-and under concurrency only the padding of the batch differs.
+Joining sequences are prefilled between two decode steps of the running batch, so running
+streams stall for one prefill pass at most: all joiners whose prompts fit one chunk share one
+left-padded pass (a burst of requests costs one pass over the weights), a longer prompt is
+prefilled alone, one chunk per step. Prefill follows ``generate_ids``'s conventions (position
+ids from the mask), and the new rows are merged into the batch by left padding (see
+``batch.py``). A single request therefore computes what ``generate()`` computes, and under
+concurrency only the padding of the batch differs.
 """
 from __future__ import annotations
 
@@ -175,15 +177,23 @@ class Scheduler:
             self._prefilling.remove(s)
             self._finish(s, None)
         if self._prefilling:
-            self._prefill_chunk(self._prefilling[0])
+            head = self._prefilling[0]
+            if head.prefilled or len(head.prompt_ids) > self.prefill_chunk:
+                self._prefill_chunk(head)
+            else:  # every joiner whose prompt fits one chunk: one shared, left-padded pass
+                self._prefill_group([s for s in self._prefilling if not s.prefilled
+                                     and len(s.prompt_ids) <= self.prefill_chunk])
         if self._rows:
             self._decode()
 
+    def _start(self, s: Sequence) -> None:
+        s.gen = torch.Generator().manual_seed(s.cfg.seed) if s.cfg.seed is not None else None
+
     def _prefill_chunk(self, s: Sequence) -> None:
-        """One chunk of ``s``'s prompt, alone, with the conventions of ``generate_ids``."""
+        """One chunk of a long prompt, alone, with the conventions of ``generate_ids``."""
         if s.cache is None:
             s.cache = self.model.new_cache()
-            s.gen = torch.Generator().manual_seed(s.cfg.seed) if s.cfg.seed is not None else None
+            self._start(s)
         ids = torch.tensor([s.prompt_ids])
         a, e, T = s.prefilled, min(s.prefilled + self.prefill_chunk, len(s.prompt_ids)), len(s.prompt_ids)
         logits = self.model(ids[:, a:e], attention_mask=torch.ones(1, e, dtype=torch.long),
@@ -194,13 +204,40 @@ class Scheduler:
         s.prefilled = e
         if e < T:
             return
-        self._prefilling.remove(s)
-        tok = int(sample(logits[:, -1], s.cfg, s.gen).cpu()[0])
-        if self._accept(s, tok):
-            with self._cv:
-                self._cache, self._mask = kv.merge(self._cache, self._mask, s.cache, torch.ones(1, T, dtype=torch.long))
-                self._rows.append(s)
-        s.cache = None  # the batch holds its tensors now
+        cache, s.cache = s.cache, None  # the batch holds its tensors from now on
+        self._join([s], cache, torch.ones(1, T, dtype=torch.long), logits[:, -1])
+
+    def _prefill_group(self, group: list[Sequence]) -> None:
+        """Prompts of at most one chunk, left-padded into one pass (like ``generate()``'s batch
+        prefill): for a streamed model a burst of joiners then costs one pass over the weights."""
+        T = max(len(s.prompt_ids) for s in group)
+        ids = torch.zeros(len(group), T, dtype=torch.long)
+        mask = torch.zeros(len(group), T, dtype=torch.long)
+        for i, s in enumerate(group):
+            self._start(s)
+            n = len(s.prompt_ids)
+            ids[i, T - n:] = torch.tensor(s.prompt_ids)
+            mask[i, T - n:] = 1
+        cache = self.model.new_cache()
+        logits = self.model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                            past_key_values=cache, cache_position=torch.arange(T), logits_to_keep=1)
+        self.stats.passes += 1
+        self.stats.prefill_passes += 1
+        for s in group:
+            s.prefilled = len(s.prompt_ids)
+        self._join(group, cache, mask, logits[:, -1])
+
+    def _join(self, group: list[Sequence], cache, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Sample each joiner's first token and merge the rows still running into the batch."""
+        for s in group:
+            self._prefilling.remove(s)
+        keep = [i for i, s in enumerate(group) if self._accept(s, int(sample(logits[i:i + 1], s.cfg, s.gen).cpu()[0]))]
+        if not keep:
+            return
+        cache, mask = kv.select(cache, mask, keep)
+        with self._cv:
+            self._cache, self._mask = kv.merge(self._cache, self._mask, cache, mask)
+            self._rows += [group[i] for i in keep]
 
     def _decode(self) -> None:
         B = len(self._rows)
