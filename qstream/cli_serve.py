@@ -37,6 +37,7 @@ def add_commands(sub) -> None:
                    "(default: the model's limit, at most 4096)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     s.add_argument("--prefill-chunk", type=int, default=256,
-                   help="prefill a joining prompt this many tokens per pass, between decode steps of the batch")
+                   help="joining prompts up to this many tokens share one prefill pass; longer ones are prefilled "
+                   "alone, this many tokens per pass; each between two decode steps of the batch (default 256)")
     s.add_argument("--model-name", default=None, help="the model id clients send (default: the shard directory's name)")
     s.set_defaults(func=_cmd_serve)

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import QstreamError, ShardError
 from ..generate import SamplingConfig, eos_ids, load_tokenizer
 from . import protocol as P
-from .scheduler import QueueFull, Scheduler, Sequence
+from .scheduler import Event, QueueFull, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,8 @@ def create_app(engine: Engine, *, api_key: str | None = None):
                     if await request.is_disconnected():
                         sched.cancel(seq)
                         return _json(P.error_body("client disconnected"), 499)
+                    if not sched.alive:
+                        return _json(P.error_body("the scheduler thread has stopped", "server_error"), 503)
                     continue
                 if ev.kind == "text":
                     parts.append(ev.text)
@@ -172,7 +174,12 @@ def create_app(engine: Engine, *, api_key: str | None = None):
             if chat:
                 yield P.sse(P.chunk(rid, model, chat, role=True))
             while True:
-                ev = await queue.get()
+                try:
+                    ev = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if sched.alive:
+                        continue
+                    ev = Event("error", text="the scheduler thread has stopped")
                 if ev.kind == "text":
                     yield P.sse(P.chunk(rid, model, chat, text=ev.text))
                     continue
