@@ -21,9 +21,9 @@ from .scheduler import Event, QueueFull, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 
-# how often a non-streaming handler checks that its client is still there: a disconnected
-# client's sequence then stops within this delay (a streaming one stops at its next chunk)
-DISCONNECT_POLL_S = 0.25
+# how often a waiting handler checks that the scheduler thread is still alive (a dead one
+# would otherwise leave its requests waiting for events that never come)
+ALIVE_POLL_S = 0.25
 # what a 503 tells the client to wait before retrying: a queue slot frees as soon as any
 # running request finishes, typically within a second or two
 RETRY_AFTER_S = 1
@@ -144,18 +144,27 @@ def create_app(engine: Engine, *, api_key: str | None = None):
         return await _collect(request, queue, seq, rid, chat, n_prompt)
 
     async def _collect(request, queue, seq, rid, chat, n_prompt):
+        # listen for the client going away the way Starlette's StreamingResponse does: a task
+        # that waits for the ASGI http.disconnect message (polling is_disconnected can miss it)
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        gone = asyncio.ensure_future(disconnected())
         parts = []
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
+                get = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({get, gone}, timeout=ALIVE_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    if gone in done:
                         sched.cancel(seq)
                         return _json(P.error_body("client disconnected"), 499)
                     if not sched.alive:
                         return _json(P.error_body("the scheduler thread has stopped", "server_error"), 503)
                     continue
+                ev = get.result()
                 if ev.kind == "text":
                     parts.append(ev.text)
                 elif ev.kind == "done":
@@ -164,6 +173,7 @@ def create_app(engine: Engine, *, api_key: str | None = None):
                 else:
                     return _json(P.error_body(ev.text, "server_error"), 500)
         finally:
+            gone.cancel()
             if not seq.finished:  # cancelled by the server shutting down, or an error on our side
                 sched.cancel(seq)
 
@@ -175,7 +185,7 @@ def create_app(engine: Engine, *, api_key: str | None = None):
                 yield P.sse(P.chunk(rid, model, chat, role=True))
             while True:
                 try:
-                    ev = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                    ev = await asyncio.wait_for(queue.get(), ALIVE_POLL_S)
                 except asyncio.TimeoutError:
                     if sched.alive:
                         continue
