@@ -369,6 +369,7 @@ def start_cli_server(shards: Path, port: int) -> subprocess.Popen:
     raise AssertionError("qstream serve did not come up")
 
 
+@pytest.mark.slow  # three fresh processes that import torch: 20-40 s on 2 busy cores
 def test_cli_killed_server_restarts_and_startup_errors(tiny_shards, tmp_path):
     port = free_port()
     p = start_cli_server(tiny_shards, port)
