@@ -8,7 +8,7 @@ import sys
 
 from .. import __version__
 from ..errors import QstreamError
-from . import bench, eval, report, run, shard
+from . import bench, eval, report, run, serve, shard
 from .common import resolve_dir
 
 EPILOG = """\
@@ -20,8 +20,9 @@ examples:
   qstream eval ppl shards/smollm2-135m-nf4 --text-file eval/data/sample.txt
   qstream bench shards/smollm2-135m-nf4 --new-tokens 32
   qstream report eval/results/*.json --out eval/results/smollm2-cpu
+  qstream serve shards/smollm2-135m-nf4 --port 8000         # OpenAI-compatible API on 127.0.0.1
 """
-GROUPS = (shard, run, eval, bench, report)
+GROUPS = (shard, run, eval, bench, report, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
