@@ -41,13 +41,18 @@ VARIANTS: dict[str, tuple[str, int, str | None]] = {
     "q8-g128": ("q8", 128, None),
     "q4-g64": ("q4", 64, None),
     "q4-g128": ("q4", 128, None),
+    "q4-g64-headbf16": ("q4", 64, "bf16"),
     "q4-g128-headbf16": ("q4", 128, "bf16"),
+    "q4-g128-headq5": ("q4", 128, "q5"),
+    "q4-g128-headq8": ("q4", 128, "q8"),
+    "q3-g128-headbf16": ("q3", 128, "bf16"),
+    "q3-g64-headq4": ("q3", 64, "q4"),
     "q3-g64": ("q3", 64, None),
     "q3-g128": ("q3", 128, None),
     "q3-g128-headq4": ("q3", 128, "q4"),
     "q2-g64": ("q2", 64, None),
 }
-DEFAULT = "bf16,q4-g64,q4-g128,q3-g128,q8-g128,nf4-g64,q3-g64,q2-g64,int8-g64"
+DEFAULT = "bf16,q4-g64,q4-g128-headbf16,q4-g64-headbf16,q4-g128-headq5,q3-g128-headq4,q8-g128,nf4-g64,q2-g64,int8-g64"
 
 
 def recipe_for(model: str, variant: str, out: Path):
@@ -59,10 +64,12 @@ def recipe_for(model: str, variant: str, out: Path):
     return parse_recipe(data, source=f"variant {variant}")
 
 
-def linear_bits(shard_dir: Path) -> tuple[float, int, int]:
-    """(bits per weight over 2-D linear weights, their stored bytes, total shard bytes)."""
+def linear_bits(shard_dir: Path) -> tuple[float, float, int, int]:
+    """(bits per weight over 2-D linear weights with the head, the same without it, their stored
+    bytes, total shard bytes)."""
     m = json.loads((shard_dir / "manifest.json").read_text())
     stored = params = 0
+    body_stored = body_params = 0
     for f in m["files"]:
         if f["kind"] not in ("layer", "head"):
             continue
@@ -77,8 +84,10 @@ def linear_bits(shard_dir: Path) -> tuple[float, int, int]:
                     for d in sl.get_shape():
                         n *= d
                     stored += n * torch.empty(0, dtype=_DT[sl.get_dtype()]).element_size()
+        if f["kind"] == "layer":
+            body_stored, body_params = stored, params  # layer files come before the head
     total = sum(f["size"] for f in m["files"])
-    return 8 * stored / params, stored, total
+    return 8 * stored / params, 8 * body_stored / body_params, stored, total
 
 
 _DT = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8, "I8": torch.int8,
@@ -125,11 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         if ids is None:  # tokenized once, with the reference's tokenizer: every variant sees the same ids
             text = Path(a.text_file).read_text()
             ids = tokenize_corpus([text], load_tokenizer(d))
-        bpw, linear_bytes, total = linear_bits(d)
+        bpw, bpw_body, linear_bytes, total = linear_bits(d)
         t0 = time.perf_counter()
-        r = perplexity(d, ids, context=a.context, stride=a.context, limit=a.limit, device="cpu", progress=False)
+        if done and not a.reshard and prev.get("fingerprint") == recipe.fingerprint() and prev.get("limit") == a.limit:
+            r = {k: prev[k] for k in ("perplexity", "tokens_scored", "windows")}  # same shards, same tokens
+        else:
+            r = perplexity(d, ids, context=a.context, stride=a.context, limit=a.limit, device="cpu", progress=False)
         row = {"variant": v, "scheme": VARIANTS[v][0], "group": VARIANTS[v][1], "head": VARIANTS[v][2] or VARIANTS[v][0],
-               "fingerprint": recipe.fingerprint(), "bits_per_weight_linear": bpw, "linear_bytes": linear_bytes,
+               "fingerprint": recipe.fingerprint(), "limit": a.limit, "bits_per_weight_linear": bpw,
+               "bits_per_weight_decoder": bpw_body, "linear_bytes": linear_bytes,
                "shard_bytes": total, "perplexity": r["perplexity"], "tokens_scored": r["tokens_scored"],
                "windows": r["windows"], "shard_seconds": shard_s, "eval_seconds": time.perf_counter() - t0}
         rows.append(row)
@@ -159,11 +172,12 @@ def markdown(r: dict) -> str:
     lines = [f"# {r['name']}: compression quality", "",
              f"Perplexity on `{r['text_file']}`, context {r['context']}, stride {r['stride']}{lim}: "
              f"{r['tokens_scored']} tokens, the same ids for every variant. Machine: {r['machine']}.", "",
-             "| variant | scheme | group | head | bits/weight (linears) | shard bytes | ratio to bf16 | perplexity | vs bf16 | shard s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | scheme | group | head | bits/weight (decoder linears) | bits/weight (with head) | shard bytes | ratio to bf16 | perplexity | vs bf16 | shard s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         s = f"{x['shard_seconds']:.0f}" if x["shard_seconds"] is not None else "-"
-        lines.append(f"| {x['variant']} | {x['scheme']} | {x['group']} | {x['head']} | {x['bits_per_weight_linear']:.3f} | "
+        lines.append(f"| {x['variant']} | {x['scheme']} | {x['group']} | {x['head']} | {x['bits_per_weight_decoder']:.3f} | "
+                     f"{x['bits_per_weight_linear']:.3f} | "
                      f"{x['shard_bytes']:,} | {x['ratio_to_bf16']:.3f} | {x['perplexity']:.4f} | "
                      f"{100 * x['delta_vs_bf16']:+.2f}% | {s} |")
     return "\n".join(lines) + "\n"
