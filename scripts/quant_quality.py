@@ -47,6 +47,7 @@ VARIANTS: dict[str, tuple[str, int, str | None]] = {
     "q4-g128-headq8": ("q4", 128, "q8"),
     "q3-g128-headbf16": ("q3", 128, "bf16"),
     "q3-g64-headq4": ("q3", 64, "q4"),
+    "q3-g64-headbf16": ("q3", 64, "bf16"),
     "q3-g64": ("q3", 64, None),
     "q3-g128": ("q3", 128, None),
     "q3-g128-headq4": ("q3", 128, "q4"),
