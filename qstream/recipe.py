@@ -3,7 +3,7 @@
     model: smollm2-135m            # alias, local HF dir, local .gguf file, or hub id
     output: shards/smollm2-nf4     # relative paths resolve against the current directory
     scheme: nf4                    # default for every quantizable weight
-    block_size: 64                 # default block size of block formats
+    block_size: 64                 # default block size of block formats (alias: group_size)
     compute_dtype: bfloat16        # dtype the runtime computes in
     overrides:                     # first matching pattern wins (fnmatch on module names)
       - {pattern: lm_head, scheme: bf16}
@@ -27,8 +27,12 @@ from .dtypes import COMPUTE_DTYPES
 from .errors import RecipeError
 from .quant import SCHEMES, QuantSpec, check_spec, get_scheme
 
-_TOP_KEYS = {"model": str, "output": str, "scheme": str, "block_size": int, "compute_dtype": str, "overrides": list, "description": str}
-_OVERRIDE_KEYS = {"pattern": str, "scheme": str, "block_size": int}
+_TOP_KEYS = {"model": str, "output": str, "scheme": str, "block_size": int, "group_size": int, "compute_dtype": str,
+             "overrides": list, "description": str}
+_OVERRIDE_KEYS = {"pattern": str, "scheme": str, "block_size": int, "group_size": int}
+# `group_size` is the usual name for the block of group-quantization schemes (q2 ... q8); it is
+# stored as block_size, so recipes that spell it either way shard identically
+_ALIASES = {"group_size": "block_size"}
 
 
 @dataclass(frozen=True)
@@ -91,11 +95,23 @@ def _check_fields(where: str, data: dict, allowed: dict[str, type], required: tu
             _check_type(f"{where}: field {key!r}", data[key], typ)
 
 
+def _resolve_aliases(where: str, data: dict) -> dict:
+    """Map alias fields onto their canonical name; both spellings at once is an error."""
+    out = dict(data)
+    for alias, name in _ALIASES.items():
+        if alias in out:
+            if name in out:
+                raise RecipeError(f"{where}: field {alias!r} is an alias of {name!r}; give only one of them")
+            out[name] = out.pop(alias)
+    return out
+
+
 def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     """Validate a recipe mapping. Every problem is a RecipeError naming the field."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: expected a mapping of recipe fields, got {type(data).__name__}")
     _check_fields(source, data, _TOP_KEYS, ("model", "output"))
+    data = _resolve_aliases(source, data)
     scheme = data.get("scheme", "nf4")
     block_size = data.get("block_size", 64)
     if scheme not in SCHEMES:
@@ -110,6 +126,7 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
         if not isinstance(o, dict):
             raise RecipeError(f"{where}: expected a mapping with 'pattern' and 'scheme'")
         _check_fields(where, o, _OVERRIDE_KEYS, ("pattern", "scheme"))
+        o = _resolve_aliases(where, o)
         if o["scheme"] not in SCHEMES:
             raise RecipeError(f"{where}.scheme: unknown scheme {o['scheme']!r}; choose one of {', '.join(SCHEMES)}")
         bs = o.get("block_size", block_size)

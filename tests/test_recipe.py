@@ -28,7 +28,7 @@ def test_defaults_and_first_match_wins():
     ({"output": "o"}, "missing required field 'model'"),
     ({"model": "m", "output": "o", "block_size": "64"}, "field 'block_size': expected int"),
     ({"model": "m", "output": "o", "block_size": True}, "field 'block_size': expected int"),
-    ({"model": "m", "output": "o", "scheme": "q3"}, "unknown scheme 'q3'"),
+    ({"model": "m", "output": "o", "scheme": "q7"}, "unknown scheme 'q7'"),
     ({"model": "m", "output": "o", "scheme": "nf4", "block_size": 48}, "block size 48 is not supported by nf4"),
     ({"model": "m", "output": "o", "compute_dtype": "fp8"}, "compute_dtype"),
     ({"model": "m", "output": "o", "overrides": [{"pattern": "x"}]}, r"overrides\[0\]: missing required field 'scheme'"),

@@ -18,6 +18,7 @@ import torch
 
 from ..dtypes import DTYPE_NAMES, DTYPES
 from ..errors import RecipeError
+from .affine import Affine
 from .base import Scheme
 from .bnb4 import FourBit
 from .int8 import Int8Blockwise
@@ -27,6 +28,8 @@ SCHEMES: dict[str, Scheme] = {
     "nf4": FourBit("nf4"),
     "fp4": FourBit("fp4"),
     "int8": Int8Blockwise(),
+    # fitted affine groups (HQQ-style, calibration-free): 2 to 8 bits
+    **{f"q{b}": Affine(b) for b in (2, 3, 4, 5, 6, 8)},
     "bf16": PassThrough("bf16", torch.bfloat16),
     "fp16": PassThrough("fp16", torch.float16),
     "fp32": PassThrough("fp32", torch.float32),

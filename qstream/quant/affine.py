@@ -1,0 +1,97 @@
+"""Fitted asymmetric group quantization, 2 to 8 bits (schemes ``q2`` ... ``q8``).
+
+Each row of a weight is cut into groups of ``block_size`` (the group size); a group
+stores b-bit codes and a grid ``w = code * scale + min`` fitted without calibration data
+(:mod:`.hqq`: HQQ's proximal solver plus a least-squares refit, never worse than
+round-to-nearest). Rows whose length is not a multiple of the group size are padded
+internally with their last value; the padding is masked out of the fit and cut off on
+dequantization.
+
+Stored: ``""`` uint8 [rows * padded_cols * bits / 8] (codes, :mod:`.bitpack` layout),
+``scale`` and ``min`` float16 [rows, groups]. float16 rather than bfloat16: the grid
+needs mantissa (11 bits against 8), not range (LLM weights are far inside float16's);
+codes are computed against the rounded values, so storage rounding shifts the grid
+instead of adding error. Bits per weight: bits + 32 / group size (4.5 for q4 at 64,
+4.25 at 128).
+
+Dequantization is pure torch (unpack, one multiply-add in float32, a cast) on whatever
+device holds the tensors; float32 because ``code * scale + min`` loses up to a
+code step in bfloat16 once codes exceed 2**8 / 2 (8 bits) or cancel against ``min``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..dtypes import DTYPE_NAMES
+from ..errors import RecipeError
+from . import bitpack
+from .hqq import FitConfig, fit
+
+GROUP_SIZES = (32, 64, 128, 256)
+# float16 scale and min per group
+_GRID_BITS = 32
+
+# Relative Frobenius error on Gaussian weights at group 32, and its growth per doubling of
+# the group (measured: tests/test_quant_affine.py prints them), with ~10% headroom.
+_BOUNDS = {2: (0.34, 0.022), 3: (0.165, 0.022), 4: (0.080, 0.012), 5: (0.039, 0.006), 6: (0.019, 0.003),
+           8: (0.0048, 0.0008)}
+
+
+class Affine:
+    block_sizes = GROUP_SIZES
+    quantized = True
+
+    def __init__(self, bits: int, cfg: FitConfig = FitConfig()):
+        if bits not in _BOUNDS:
+            raise RecipeError(f"bits {bits} is not supported; use one of {', '.join(map(str, _BOUNDS))}")
+        self.bits = bits
+        self.name = f"q{bits}"
+        self.cfg = cfg
+
+    def bits_per_weight(self, block_size: int) -> float:
+        return self.bits + _GRID_BITS / block_size
+
+    def _check_group(self, block_size: int | None) -> int:
+        if block_size not in GROUP_SIZES:
+            raise RecipeError(f"field 'block_size' (group size) {block_size} is not supported by {self.name}; "
+                              f"use one of {', '.join(map(str, GROUP_SIZES))}")
+        return block_size
+
+    def quantize(self, w: torch.Tensor, block_size: int | None) -> tuple[dict[str, torch.Tensor], dict]:
+        g = self._check_group(block_size)
+        if w.dim() == 0 or w.numel() == 0:
+            raise ValueError(f"{self.name}: cannot quantize a tensor of shape {tuple(w.shape)}")
+        if not w.is_floating_point():
+            raise ValueError(f"{self.name}: expected a floating-point weight, got {w.dtype}")
+        if w.abs().amax().item() > torch.finfo(torch.float16).max:
+            raise ValueError(f"{self.name}: weight magnitude exceeds float16's range (the grid is stored in float16)")
+        cols = w.shape[-1]
+        x = w.reshape(-1, cols).float()
+        pad = -cols % g
+        mask = None
+        if pad:
+            # repeat the last value: it leaves every group's min and max unchanged
+            x = torch.cat([x, x[:, -1:].expand(-1, pad)], dim=1)
+            mask = torch.ones_like(x)
+            mask[:, cols:] = 0
+            mask = mask.view(-1, g)
+        codes, scale, low = fit(x.view(-1, g), self.bits, mask=mask, cfg=self.cfg)
+        rows, groups = x.shape[0], x.shape[1] // g
+        packed = {"": bitpack.pack(codes, self.bits), "scale": scale.view(rows, groups), "min": low.view(rows, groups)}
+        meta = {"scheme": self.name, "shape": list(w.shape), "dtype": DTYPE_NAMES.get(w.dtype, "float32"), "block_size": g}
+        return packed, meta
+
+    def dequantize(self, packed: dict[str, torch.Tensor], meta: dict, *, dtype: torch.dtype) -> torch.Tensor:
+        shape = torch.Size(meta["shape"])
+        g = meta["block_size"]
+        scale, low = packed["scale"], packed["min"]
+        rows, groups = scale.shape
+        codes = bitpack.unpack(packed[""], self.bits, rows * groups * g).view(rows * groups, g)
+        w = torch.addcmul(low.reshape(-1, 1).float(), codes.float(), scale.reshape(-1, 1).float())
+        return w.view(rows, groups * g)[:, :shape[-1]].reshape(shape).to(dtype)
+
+    def error_bound(self, block_size: int) -> float:
+        base, per_doubling = _BOUNDS[self.bits]
+        return base + per_doubling * math.log2(block_size / 32)
