@@ -35,13 +35,16 @@ PROMPTS = [  # varied chat prompts so that the batch holds sequences of differen
 HTTP_TIMEOUT_S = 600  # one request, generously bounded: a 16-way round on 2 cores takes minutes
 
 
-def one_request(url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+def one_request(url: str, model: str, prompt: str, max_tokens: int, chat: bool = True) -> dict:
+    """One streamed greedy request: chat (the chat template) or a plain completion (models without one)."""
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
     t0 = time.perf_counter()
     ttft = None
     tokens = 0
-    with httpx.Client(timeout=HTTP_TIMEOUT_S) as h, h.stream("POST", url + "/v1/chat/completions", json=body) as r:
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    with httpx.Client(timeout=HTTP_TIMEOUT_S) as h, h.stream("POST", url + path, json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -51,12 +54,12 @@ def one_request(url: str, model: str, prompt: str, max_tokens: int) -> dict:
                 raise RuntimeError(d["error"]["message"])
             if d.get("usage"):
                 tokens = d["usage"]["completion_tokens"]
-            elif ttft is None and d["choices"] and d["choices"][0]["delta"].get("content"):
+            elif ttft is None and d["choices"] and (d["choices"][0].get("delta", {}).get("content") or d["choices"][0].get("text")):
                 ttft = time.perf_counter() - t0
     return {"latency_s": time.perf_counter() - t0, "ttft_s": ttft, "completion_tokens": tokens}
 
 
-def round_at(url: str, model: str, conc: int, requests: int, max_tokens: int) -> dict:
+def round_at(url: str, model: str, conc: int, requests: int, max_tokens: int, chat: bool) -> dict:
     results: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -64,7 +67,7 @@ def round_at(url: str, model: str, conc: int, requests: int, max_tokens: int) ->
     def client(i: int) -> None:
         for j in range(requests):
             try:
-                r = one_request(url, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens)
+                r = one_request(url, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens, chat)
             except (httpx.HTTPError, RuntimeError) as e:
                 with lock:
                     errors.append(f"client {i}: {e}")
@@ -120,6 +123,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2, help="requests per client and round")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gpu-memory", default=None, help="device memory budget, e.g. 4GiB")
+    ap.add_argument("--max-context", type=int, default=512, help="tokens per sequence the server reserves (default 512)")
     ap.add_argument("--out", type=Path, help="write result.json and README.md here")
     a = ap.parse_args()
     concs = [int(x) for x in a.concurrency.split(",")]
@@ -129,7 +134,8 @@ def main() -> int:
 
     load_before = os.getloadavg()[0]  # other processes on the machine: the numbers mean little when this exceeds the cores
     t0 = time.perf_counter()
-    engine = open_engine(ServeConfig(path=a.dir, device=a.device, max_batch=max(concs), max_queue=0, max_context=512))
+    engine = open_engine(ServeConfig(path=a.dir, device=a.device, gpu_memory=a.gpu_memory, max_batch=max(concs), max_queue=0,
+                                      max_context=a.max_context))
     load_s = time.perf_counter() - t0
     server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
     th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -141,10 +147,11 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise SystemExit("bench_serve: the server did not start")
             time.sleep(0.05)
-        one_request(url, engine.model_id, PROMPTS[0], 4)  # warm-up: kernels, allocator
+        chat = bool(getattr(engine.tokenizer, "chat_template", None))  # synthetic benchmark models have none
+        one_request(url, engine.model_id, PROMPTS[0], 4, chat)  # warm-up: kernels, allocator
         rounds = []
         for c in concs:
-            r = round_at(url, engine.model_id, c, a.requests, a.max_tokens)
+            r = round_at(url, engine.model_id, c, a.requests, a.max_tokens, chat)
             print(f"concurrency {c:3d}: {r['tokens_per_s']:.2f} tokens/s, mean batch {r['mean_decode_batch']:.2f}, "
                   f"latency {r['latency_s']['mean']:.2f} s, TTFT {r['ttft_s']['mean']:.2f} s", flush=True)
             rounds.append(r)
@@ -161,8 +168,8 @@ def main() -> int:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "result.json").write_text(json.dumps(res, indent=1) + "\n")
         (a.out / "README.md").write_text(
-            f"# `qstream serve` on this CPU\n\nCommand: `{res['command']}`\n\nMachine: {res['machine']}\n\n"
-            f"Each client sends {a.requests} streamed greedy chat requests of {a.max_tokens} tokens (8 prompts in turn); "
+            f"# `qstream serve` on {res['machine'].get('gpu', 'this CPU')}\n\nCommand: `{res['command']}`\n\nMachine: {res['machine']}\n\n"
+            f"Each client sends {a.requests} streamed greedy {'chat' if chat else 'completion'} requests of {a.max_tokens} tokens (8 prompts in turn); "
             "aggregate tokens/s is all completion tokens over the wall time of the round; TTFT is time to the first "
             "text chunk. `--max-batch` equals the largest concurrency. 1-minute load average before/after: "
             f"{res['load_average_1m_before_after']} on {os.cpu_count()} cores.\n\n" + table(res) + "\n")
