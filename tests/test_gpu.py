@@ -88,3 +88,20 @@ def test_graph_replay_gives_the_tokens_of_eager_decode(tmp_path, compute_dtype, 
     assert tokens["graph"] == tokens["static"]
     if compute_dtype == "float32":
         assert tokens["graph"] == tokens["eager"]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group,cols", [(64, 256), (128, 576), (32, 100)])
+def test_triton_dequantization_equals_the_torch_path(bits, group, cols):
+    from qstream.quant import QuantSpec, quantize
+    from qstream.quant import affine_triton
+    from qstream.quant.affine import Affine
+
+    w = torch.randn(48, cols, device="cuda") * 0.02
+    packed, meta = quantize(w, QuantSpec(f"q{bits}", group))
+    scheme = Affine(bits)
+    fast = scheme.dequantize(packed, meta, dtype=torch.float32)
+    assert affine_triton.available(packed["scale"])
+    # the torch path on the CPU copy is the reference
+    ref = scheme.dequantize({k: v.cpu() for k, v in packed.items()}, meta, dtype=torch.float32)
+    torch.testing.assert_close(fast.cpu(), ref, rtol=1e-6, atol=1e-6)

@@ -26,7 +26,7 @@ import torch
 
 from ..dtypes import DTYPE_NAMES
 from ..errors import RecipeError
-from . import bitpack
+from . import affine_triton, bitpack
 from .hqq import FitConfig, fit
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -87,6 +87,8 @@ class Affine:
         shape = torch.Size(meta["shape"])
         g = meta["block_size"]
         scale, low = packed["scale"], packed["min"]
+        if affine_triton.available(scale) and len(shape) == 2:
+            return affine_triton.dequantize(packed[""], scale, low, bits=self.bits, group=g, shape=shape, dtype=dtype)
         rows, groups = scale.shape
         codes = bitpack.unpack(packed[""], self.bits, rows * groups * g).view(rows * groups, g)
         w = torch.addcmul(low.reshape(-1, 1).float(), codes.float(), scale.reshape(-1, 1).float())
