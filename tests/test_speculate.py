@@ -254,3 +254,36 @@ def test_smollm2_nf4_draft_is_exact_and_accepts_several_tokens(tmp_path):
     for i, p in enumerate(prompts):
         assert r.new_tokens[i] == generate(target, tok, [p], cfg).new_tokens[0], p
     assert r.spec.tokens_per_pass > 2.0, r.spec.as_dict()
+
+
+def test_cli_glue_speculate_and_draft(tmp_path, monkeypatch):
+    import argparse
+
+    from qstream.cli.common import add_runtime_args
+    from qstream.cli.spec import add_spec_args, draft_dir, spec_config, spec_summary, speculative_run
+    from qstream.generate import load_tokenizer
+
+    monkeypatch.setenv("QSTREAM_CACHE", str(tmp_path / "cache"))
+    src = make_tiny(tmp_path / "m", "llama", num_hidden_layers=2)
+    byte_tokenizer(src)
+    t_dir = shard_to(tmp_path, src, "fp32", compute_dtype="float32")
+    p = argparse.ArgumentParser()
+    add_runtime_args(p)
+    add_spec_args(p)
+    p.add_argument("-q", "--quiet", action="store_true")
+    assert spec_config(p.parse_args([str(t_dir)])) is None
+    with pytest.raises(QstreamError, match="not both"):
+        spec_config(p.parse_args([str(t_dir), "--speculate", "--draft", str(t_dir)]))
+    a = p.parse_args([str(t_dir), "--device", "cpu", "--speculate", "--tree-budget", "8", "-q"])
+    spec = spec_config(a)
+    assert (spec.budget, spec.fallback) == (8, True)
+    d = draft_dir(a)  # the target's source sharded nf4 into the cache
+    assert d != t_dir and str(d).startswith(str(tmp_path / "cache")) and "nf4" in d.name
+    tok = load_tokenizer(t_dir)
+    cfg = SamplingConfig(max_new_tokens=10, chat=False)
+    r, model = speculative_run(a, tok, ["hello"], cfg, spec, need=32)
+    plain = qstream.load(t_dir, device="cpu")
+    assert r.new_tokens[0] == generate(plain, tok, ["hello"], cfg).new_tokens[0]
+    assert "tokens/pass" in spec_summary(r)
+    a = p.parse_args([str(t_dir), "--device", "cpu", "--draft", str(d), "--chain", "--tree-depth", "3", "-q"])
+    assert draft_dir(a) == d and spec_config(a).shape(False) == (3, 3, 1, 1)
