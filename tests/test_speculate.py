@@ -11,7 +11,8 @@ import qstream
 from conftest import byte_tokenizer, make_tiny, shard_to
 from qstream.errors import QstreamError
 from qstream.generate import SamplingConfig, generate, generate_ids
-from qstream.speculate import (SpecConfig, Tree, speculative_generate, speculative_generate_ids, verify, walk)
+from qstream.speculate import (SpecConfig, Tree, picker, speculative_generate, speculative_generate_ids, verify,
+                               walk)
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma"]
 
@@ -190,12 +191,10 @@ def test_the_acceptance_walk_samples_the_target_distribution():
     cond = {1: p[1], 3: p[2]}
     exact = {(i, j): float(p[0, i] * cond.get(i, leaf)[j]) for i in range(V) for j in range(V)}
     cfg = SamplingConfig(temperature=1.0)
-    from qstream.speculate import _picker
-
     gen = torch.Generator().manual_seed(1)
     n, counts = 20000, {}
     for _ in range(n):
-        toks, path = walk(tree, nodes, _picker(rows, cfg, gen, None, V), stop=lambda t: False, room=2)
+        toks, path = walk(tree, nodes, picker(rows, cfg, gen, None, V), stop=lambda t: False, room=2)
         if len(toks) == 1:
             toks.append(int(torch.multinomial(leaf, 1, generator=gen)))
         counts[tuple(toks)] = counts.get(tuple(toks), 0) + 1
