@@ -16,7 +16,7 @@ class SpecConfig:
     branch: int = 8  # children considered per expanded node: its top-k tokens
     chain: bool = False  # draft a single path (budget = depth); forced for unverified architectures
     fallback: bool = True  # switch to plain decoding when speculation does not pay
-    warmup_rounds: int = 4  # rounds measured before the fallback may decide
+    warmup_rounds: int = 4  # rounds measured before the fallback may decide (unless no pass could ever pay)
     ema: float = 0.3  # weight of the newest round in the rolling acceptance/cost estimates
     plain_step_s: float | None = None  # cost of one plain decode step; None = time one (the first decode step)
 

@@ -157,12 +157,14 @@ def speculative_generate_ids(target, draft, ids: torch.Tensor, cfg: SamplingConf
         a = spec.ema
         ema_tok = len(toks) if ema_tok is None else (1 - a) * ema_tok + a * len(toks)
         ema_cost = td + tv if ema_cost is None else (1 - a) * ema_cost + a * (td + tv)
-        # speculation pays while a pass yields more tokens than plain steps in the same time
-        if spec.fallback and st.passes >= spec.warmup_rounds and ema_tok * plain_cost < ema_cost:
+        # speculation pays while a pass yields more tokens than plain steps in the same time; when
+        # even a fully accepted pass (depth + 1 tokens) could not pay, waiting for the warm-up only costs
+        need = ema_cost / plain_cost if spec.fallback else 0.0
+        if spec.fallback and ema_tok < need and (st.passes >= spec.warmup_rounds or need > shape[1] + 1):
             st.mode, st.fell_back_after = "plain", st.passes
             st.note = "; ".join(x for x in (st.note, (
                 f"fell back to plain decoding after {st.passes} passes: {ema_tok:.2f} tokens/pass < "
-                f"{ema_cost / plain_cost:.2f} needed (draft+verify {ema_cost:.4f} s, plain step {plain_cost:.4f} s)")) if x)
+                f"{need:.2f} needed (draft+verify {ema_cost:.4f} s, plain step {plain_cost:.4f} s)")) if x)
     decode_s = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     timing = target.timing()
