@@ -286,3 +286,14 @@ def test_cli_glue_speculate_and_draft(tmp_path, monkeypatch):
     assert "tokens/pass" in spec_summary(r)
     a = p.parse_args([str(t_dir), "--device", "cpu", "--draft", str(d), "--chain", "--tree-depth", "3", "-q"])
     assert draft_dir(a) == d and spec_config(a).shape(False) == (3, 3, 1, 1)
+
+
+def test_a_sliding_window_cache_decodes_plainly_and_says_so(tmp_path):
+    src = make_tiny(tmp_path / "m", "mistral", num_hidden_layers=2, sliding_window=8)
+    t_dir = shard_to(tmp_path, src, "fp32", compute_dtype="float32")
+    target = qstream.load(t_dir, device="cpu")
+    ids = _ids()
+    cfg = SamplingConfig(max_new_tokens=12)
+    r = speculative_generate_ids(target, target, ids, cfg, SpecConfig(budget=8))
+    assert r.spec.mode == "plain" and "cannot be re-indexed" in r.spec.note and r.spec.passes == 0
+    assert r.new_tokens[0] == _plain(target, ids, cfg)

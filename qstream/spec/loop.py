@@ -88,7 +88,7 @@ def speculative_generate_ids(target, draft, ids: torch.Tensor, cfg: SamplingConf
     shape = spec.shape(chain)
     tcache, dcache = target.new_cache(), draft.new_cache()
     if not (gatherable(tcache) and gatherable(dcache)):
-        st.mode, st.note = "plain", "sliding-window KV cache: plain decoding"
+        st.mode, st.note = "plain", "a KV cache that cannot be re-indexed (sliding-window or static layers): plain decoding"
     dev = target.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
