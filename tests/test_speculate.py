@@ -297,3 +297,20 @@ def test_a_sliding_window_cache_decodes_plainly_and_says_so(tmp_path):
     r = speculative_generate_ids(target, target, ids, cfg, SpecConfig(budget=8))
     assert r.spec.mode == "plain" and "cannot be re-indexed" in r.spec.note and r.spec.passes == 0
     assert r.new_tokens[0] == _plain(target, ids, cfg)
+
+
+def test_keep_rows_moves_the_accepted_path_into_place():
+    from transformers import DynamicCache
+
+    from qstream.speculate import keep_rows
+
+    cache = DynamicCache()
+    k = torch.arange(2 * 3 * 10 * 4, dtype=torch.float32).view(2, 3, 10, 4)
+    cache.update(k.clone(), -k.clone(), 0)
+    keep = [0, 1, 2, 3, 5, 8]
+    keep_rows(cache, keep)
+    assert cache.get_seq_length() == 6
+    torch.testing.assert_close(cache.layers[0].keys, k[:, :, keep])
+    torch.testing.assert_close(cache.layers[0].values, -k[:, :, keep])
+    keep_rows(cache, [0, 1, 2])  # a prefix: cropped
+    torch.testing.assert_close(cache.layers[0].keys, k[:, :, :3])

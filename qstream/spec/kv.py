@@ -30,19 +30,25 @@ def gatherable(cache) -> bool:
 
 
 def keep_rows(cache, keep: list[int]) -> None:
-    """Keep cache rows ``keep`` (sorted) of every layer, in that order: a view when they are
-    a prefix (the common chain case), a gather otherwise."""
+    """Keep cache rows ``keep`` (sorted, distinct) of every layer, in that order. Rows before the
+    first gap stay where they are; only the rows after it (the accepted tree path, a few
+    tokens) are copied down, in place, and the rest is cut off as a view: a round costs a
+    copy of the path, not of the whole context."""
     n = cache_len(cache)
-    if keep == list(range(len(keep))):
+    p = next((j for j, k in enumerate(keep) if k != j), len(keep))  # keep[:p] == range(p)
+    if p == len(keep):
         if len(keep) < n:
             cache.crop(-(n - len(keep)))
         return
-    idx = torch.tensor(keep)
+    tail = torch.tensor(keep[p:])
     for layer in cache.layers:
         if layer.is_initialized and layer.keys.numel():
-            i = idx.to(layer.keys.device)
-            layer.keys = layer.keys.index_select(-2, i)
-            layer.values = layer.values.index_select(-2, i)
+            i = tail.to(layer.keys.device)
+            # index_select copies first, so the overlapping in-place write is safe (rows only move down)
+            layer.keys[..., p:len(keep), :] = layer.keys.index_select(-2, i)
+            layer.values[..., p:len(keep), :] = layer.values.index_select(-2, i)
+            layer.keys = layer.keys[..., :len(keep), :]
+            layer.values = layer.values[..., :len(keep), :]
 
 
 def tree_mode(model) -> tuple[bool, str]:
