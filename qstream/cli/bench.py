@@ -6,11 +6,20 @@ import argparse
 from ..eval.bench import bench, format_bench
 from ..eval.results import check_json_target, write_result
 from .common import COMMON, add_runtime_args, verify_first
+from .spec import add_spec_args, format_spec_bench, spec_bench, spec_config
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
     check_json_target(a.json)  # a bad --json path fails before the model loads
     verify_first(a)
+    spec = spec_config(a)
+    if spec is not None:  # one natural prompt at batch 1: random ids give a draft nothing to predict
+        r = spec_bench(a, spec, new_tokens=a.new_tokens)
+        print(format_spec_bench(r))
+        if a.json:
+            write_result(a.json, r)
+            print(f"wrote {a.json}")
+        return 0
     r = bench(a.dir, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, batch=a.batch, device=a.device,
               gpu_memory=a.gpu_memory, host_memory=a.host_memory, cold_disk=a.cold_disk, decode=a.decode,
               warmup=not a.no_warmup)
@@ -29,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "token, where the time goes, and the floor: streamed bytes over the bandwidth of their tier, "
                        "measured in the same run.")
     add_runtime_args(s)
+    add_spec_args(s)
     s.add_argument("--prompt-tokens", type=int, default=64)
     s.add_argument("--new-tokens", type=int, default=32)
     s.add_argument("--batch", type=int, default=1)

@@ -11,6 +11,7 @@ from ..generate import SamplingConfig, format_prompts, generate
 from ..runtime.build import default_max_seq
 from ..store.manifest import read_manifest
 from .common import COMMON, add_runtime_args, check_text, open_model, open_tokenizer
+from .spec import add_spec_args, spec_config, spec_summary, speculative_run
 
 
 def _read_batch_file(path: str) -> list[str]:
@@ -82,23 +83,30 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     prompts = _prompts(a)
     cfg = _sampling(a)
     tok = open_tokenizer(a.dir)  # before the model: a bad tokenizer or prompt fails fast
-    model = open_model(a, max_batch=len(prompts), max_seq=kv_room(a, tok, prompts, cfg))
+    need = kv_room(a, tok, prompts, cfg)
+    spec = spec_config(a)
     stream = len(prompts) == 1
 
     def on_text(i: int, delta: str) -> None:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    try:
-        r = generate(model, tok, prompts, cfg, on_text=on_text if stream else None)
-    finally:
-        model.close()
+    if spec is not None:
+        r, model = speculative_run(a, tok, prompts, cfg, spec, need, on_text=on_text if stream else None)
+    else:
+        model = open_model(a, max_batch=len(prompts), max_seq=need)
+        try:
+            r = generate(model, tok, prompts, cfg, on_text=on_text if stream else None)
+        finally:
+            model.close()
     if stream:
         print()
     else:
         for p, t in zip(prompts, r.texts):
             print(f"### {p}\n{t}\n")
     _report(r, model, len(prompts), a.verbose)
+    if spec is not None:
+        print(spec_summary(r), file=sys.stderr)
     return 0
 
 
@@ -173,6 +181,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("-p", "--prompt", action="append", help="a prompt (repeatable)")
     s.add_argument("--batch-file", help="a UTF-8 text file with one prompt a line")
     _sampling_args(s)
+    add_spec_args(s)
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("chat", help="talk to a model, turn by turn", parents=[COMMON],
