@@ -1,4 +1,6 @@
 """The sharding pipeline: recipe -> one compressed safetensors file per layer.
+(Over 400 lines: the output-directory safety rules (ownership, lock, --force, resume) live next to
+the loop they protect.)
 
 Reads the source tensor by tensor and handles one unit (embeddings, one decoder
 layer, or the head) at a time, so peak RAM stays near two layers whatever the
@@ -312,6 +314,7 @@ def _read_source(source, name: str) -> torch.Tensor:
         raise SourceError(f"{source.description}: cannot read tensor {name} ({str(e).splitlines()[0]})") from None
 
 
+# one function on purpose: the unit loop and the manifest that records it share the resume state
 def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dict, device: str | None,
                progress: bool) -> ShardResult:
     prefix, units = split_units(source.names, source.layers_prefix)

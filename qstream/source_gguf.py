@@ -92,6 +92,7 @@ def _one_name_map():
         gguf.get_tensor_name_map = original
 
 
+# one function on purpose: transformers' GGUF reader state (name map, processor) is set up and used here
 def gguf_parts(path: Path) -> dict[str, Any]:
     """Everything a GGUF Source needs: config, model skeleton, names, shapes, and read()."""
     try:

@@ -93,6 +93,7 @@ def step_figures(step_s: list[float]) -> dict:
     }
 
 
+# one function on purpose: one fresh-process measurement whose parts must run in this order
 def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, batch: int = 1, device: str = "auto",
           gpu_memory=None, host_memory="auto", cold_disk: bool = False, seed: int = 0, decode: str = "auto",
           warmup: bool = True) -> dict:

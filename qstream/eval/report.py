@@ -288,6 +288,7 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in s).strip("-").lower() or "model"
 
 
+# one function on purpose: a linear document, one section after another
 def write_report(paths: list[str | Path], out: str | Path, *, title: str | None = None, notes: str | None = None) -> Path:
     """Write OUT/README.md and the plots; returns the README path."""
     results = load_results(paths)

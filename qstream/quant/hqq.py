@@ -79,6 +79,7 @@ def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return torch.sign(x) * (a - t).clamp_min_(0)
 
 
+# one function on purpose: the HQQ iteration keeps its running best per group in locals
 def _fit_chunk(x: torch.Tensor, mask: torch.Tensor | None, qmax: int, cfg: FitConfig, store: torch.dtype):
     count = None if mask is None else mask.sum(dim=1, keepdim=True)
     r_scale, r_low = rtn(x, qmax)

@@ -172,6 +172,7 @@ def _read_tiers(manifest: Manifest, entries: list[FileEntry], headers: list, pla
     return host_layers
 
 
+# one function on purpose: each step is a helper call; what remains is the order they must run in
 def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_memory: str | int | None = None,
          host_memory: str | int | None = "auto", max_batch: int = 1, max_seq: int | None = None, prefill_chunk: int = 512,
          max_slots: int = 4, profile: bool = True, verify: bool = False, cold_disk: bool = False,

@@ -82,6 +82,7 @@ def _json(obj, status: int = 200, headers: dict | None = None):
     return JSONResponse(obj, status_code=status, headers=headers)
 
 
+# one function on purpose: the route handlers are closures over one engine and its scheduler
 def create_app(engine: Engine, *, api_key: str | None = None):
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException

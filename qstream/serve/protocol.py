@@ -94,6 +94,7 @@ def _text(content, where: str) -> str:
     raise ApiError(400, f"{where}: 'content' must be a string or a list of text parts", param="messages")
 
 
+# one function on purpose: one validation pass over a request, field by field, so every error names its field
 def parse(body: dict, *, chat: bool, model_id: str) -> tuple[Spec, list[dict] | None]:
     """Validate a /v1/completions or /v1/chat/completions body. Returns the spec (for chat,
     ``prompt`` is filled in by the caller from the returned messages and the chat template)."""

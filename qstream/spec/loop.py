@@ -69,6 +69,7 @@ def picker(logits: torch.Tensor, cfg: SamplingConfig, gen, seen, vocab: int) -> 
 
 
 @torch.inference_mode()
+# one function on purpose: every step shares the caches, the tree, the stats and the fallback state
 def speculative_generate_ids(target, draft, ids: torch.Tensor, cfg: SamplingConfig, spec: SpecConfig = SpecConfig(), *,
                              eos=frozenset(), tokenizer=None, on_text: Callable[[int, str], None] | None = None,
                              index: int = 0) -> SpecResult:
