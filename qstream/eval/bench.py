@@ -169,24 +169,38 @@ def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, ba
 
 
 def format_bench(r: dict) -> str:
-    def f(x, fmt="{:.3f}"):
-        return "-" if x is None else fmt.format(x)
+    """The result as a two-column table; rows that do not apply to this run (streaming figures of a
+    model that streams nothing, GPU memory on a CPU) are left out rather than printed empty."""
+    def ms(x):
+        return "-" if x is None else f"{x * 1000:.2f} ms"
 
-    lines = [
-        f"machine: {r['machine'].get('gpu', r['machine']['cpu'])} ({r['device']}), plan: {r['plan']}",
-        f"prefill: {r['prompt_tokens']} x {r['batch']} tokens in {r['prefill_s']:.3f} s ({r['prefill_tokens_per_s']:.1f} tokens/s)",
-        f"load:    {r['load_s']:.2f} s (warm-up {r['warmup_s']:.2f} s); decode: {r['decode_mode']}",
-        f"first token {r['first_token_s'] * 1000:.1f} ms after load; decode ms/token: first 16 steps "
-        f"{f(r['first_16_s_per_token'] and r['first_16_s_per_token'] * 1000, '{:.2f}')}, first 32 "
-        f"{f(r['first_32_s_per_token'] and r['first_32_s_per_token'] * 1000, '{:.2f}')}, steady "
-        f"{f(r['steady_s_per_token'] and r['steady_s_per_token'] * 1000, '{:.2f}')} (max step {r['max_step_s'] * 1000:.1f})",
-        f"decode:  {r['decode_s_per_token']:.4f} s/token, {r['decode_tokens_per_s']:.2f} tokens/s (batch {r['batch']}, all steps)",
-        f"memory:  peak GPU {f(r['peak_gpu_gib'], '{:.2f}')} GiB, peak host {r['peak_host_gib']:.2f} GiB",
-        f"stream:  {r['streamed_bytes_per_token'] / 2**20:.1f} MiB/token, achieved {f(r['achieved_gb_per_s'], '{:.1f}')} GB/s, "
-        f"floor {f(r['floor_s_per_token'], '{:.4f}')} s/token, floor ratio {f(r['floor_ratio'], '{:.2f}')} "
-        f"(first 32 steps {f(r['floor_ratio_first_32'], '{:.2f}')}, steady {f(r['floor_ratio_steady'], '{:.2f}')})",
-        "bandwidth (same run): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in r["bandwidth_gb_per_s"].items()),
-        "breakdown per token (profiled pass, " + f"{r['profiled_s_per_token']:.4f} s/token): "
-        + ", ".join(f"{k.removesuffix('_s')} {v * 1000:.1f} ms" for k, v in r["breakdown_s_per_token"].items()),
+    p = r["plan"]
+    rows = [
+        ("machine", f"{r['machine'].get('gpu', r['machine']['cpu'])} ({r['device']})"),
+        ("plan", f"{p['resident']} layers resident, {p['host']} from host RAM, {p['disk']} from disk, {p['slots']} slots"),
+        ("load", f"{r['load_s']:.2f} s (warm-up {r['warmup_s']:.2f} s)"),
+        ("decode path", r["decode_mode"]),
+        ("prefill", f"{r['prompt_tokens']} x {r['batch']} tokens in {r['prefill_s']:.3f} s ({r['prefill_tokens_per_s']:.1f} tokens/s)"),
+        ("time to first token", ms(r["first_token_s"])),
+        ("decode, first 16 steps", f"{ms(r['first_16_s_per_token'])}/token"),
+        ("decode, first 32 steps", f"{ms(r['first_32_s_per_token'])}/token"),
+        ("decode, steady state", f"{ms(r['steady_s_per_token'])}/token (slowest step {ms(r['max_step_s'])})"),
+        ("decode, all steps", f"{r['decode_s_per_token']:.4f} s/token, {r['decode_tokens_per_s']:.2f} tokens/s (batch {r['batch']})"),
+        ("peak host memory", f"{r['peak_host_gib']:.2f} GiB"),
     ]
-    return "\n".join(lines)
+    if r["peak_gpu_gib"] is not None:
+        rows.append(("peak GPU memory", f"{r['peak_gpu_gib']:.2f} GiB"))
+    if r["streamed_bytes_per_token"]:
+        rows += [
+            ("streamed per token", f"{r['streamed_bytes_per_token'] / 2**20:.1f} MiB, achieved {r['achieved_gb_per_s']:.1f} GB/s"),
+            ("floor (same run)", f"{ms(r['floor_s_per_token'])}/token"),
+            ("floor ratio", f"all {r['floor_ratio']:.2f}, first 32 steps {r['floor_ratio_first_32']:.2f}, "
+                            f"steady {r['floor_ratio_steady']:.2f}" if r["floor_ratio_first_32"] is not None
+             else f"all {r['floor_ratio']:.2f}"),
+        ]
+    if r["bandwidth_gb_per_s"]:
+        rows.append(("bandwidth (same run)", ", ".join(f"{k} {v:.1f} GB/s" for k, v in r["bandwidth_gb_per_s"].items())))
+    rows.append((f"breakdown per token ({r['profiled_s_per_token']:.4f} s)",
+                 ", ".join(f"{k.removesuffix('_s')} {v * 1000:.1f} ms" for k, v in r["breakdown_s_per_token"].items())))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

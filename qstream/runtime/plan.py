@@ -37,6 +37,14 @@ def parse_bytes(value: str | int | float | None, *, what: str = "memory") -> int
     return int(float(m[1]) * _UNITS[m[2]])
 
 
+def size(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number readable: 4.00 GiB, 350.0 KiB."""
+    for unit, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << k:
+            return f"{n / (1 << k):.2f} {unit}"
+    return f"{n} B"
+
+
 @dataclass(frozen=True)
 class TierPlan:
     resident: tuple[int, ...]
@@ -74,9 +82,9 @@ def plan_tiers(layer_bytes: list[int], *, fixed_bytes: int, budget: int | None, 
     minimum = fixed_bytes + min_slots * biggest
     if budget < minimum:
         raise BudgetError(
-            f"device memory budget {budget / 2**30:.2f} GiB is too small: this model needs at least "
-            f"{minimum / 2**30:.2f} GiB ({fixed_bytes / 2**20:.0f} MiB fixed + {min_slots} x {biggest / 2**20:.0f} MiB "
-            f"layer slots); raise --gpu-memory or shard with a smaller scheme")
+            f"device memory budget {size(budget)} is too small: this model needs at least {size(minimum)} "
+            f"({size(fixed_bytes)} fixed + {min_slots} x {size(biggest)} layer slots); raise --gpu-memory or shard "
+            "with a smaller scheme")
     left = budget - fixed_bytes
     # three staging slots keep two layers in flight while one computes (prefetch depth 2);
     # a tight budget falls back to two (depth 1) rather than refusing to run
