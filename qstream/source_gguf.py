@@ -48,9 +48,16 @@ def _tensor_table(path: Path) -> tuple[str, dict[str, _Tensor]]:
     except ImportError:
         GgufHeader = None
     if GgufHeader is not None:
-        h = GgufHeader.from_file(str(path))
-        return h.architecture, {t.name: _Tensor(t.name, h.data_start + t.offset, t.nbytes, t.ggml_type, tuple(t.shape))
-                                for t in h.tensors}
+        try:
+            h = GgufHeader.from_file(str(path))
+        except ValueError as e:
+            # transformers' header reader refuses tensor types its own dequantizer lacks (Q5_0 in 5.24);
+            # qstream dequantizes with the gguf package, which has them: read the header with gguf's reader
+            if "not supported yet" not in str(e):
+                raise
+        else:
+            return h.architecture, {t.name: _Tensor(t.name, h.data_start + t.offset, t.nbytes, t.ggml_type,
+                                                    tuple(t.shape)) for t in h.tensors}
     from gguf import GGUFReader
 
     r = GGUFReader(str(path))
