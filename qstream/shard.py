@@ -36,7 +36,8 @@ from .quant import QuantSpec, dequantize, get_scheme, quantize
 from .quant.affine import Affine
 from .quant.calibrate import Calibrator, calibration_ids
 from .quant.gptq import gptq_quantize
-from .recipe import Recipe
+from .quant.mixed import allocate, options_for
+from .recipe import TARGET_CANDIDATES, Recipe
 from .source import ALIASES, open_source, smollm2_gguf, split_units
 from .store.files import atomic_write_bytes, fsync_dir, safe_member, sha256_file
 from .store.integrity import fast_digest
@@ -329,6 +330,8 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
         read_as["lm_head.weight"] = embed_name
     specs = plan_specs(recipe, source.names, units, shapes)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if recipe.target_bits_per_weight is not None:
+        specs = _allocate_specs(recipe, source, units, shapes, specs, read_as, dev)
     compute_dtype = DTYPES[recipe.compute_dtype]
 
     done = dict(journal.get("files", {}))
@@ -403,6 +406,28 @@ def _with_fast_hash(path: Path, entry: FileEntry) -> FileEntry:
 def _intact(path: Path, entry: dict | None) -> bool:
     """A file an earlier run finished (journal or manifest entry) and that still matches it."""
     return bool(entry) and path.is_file() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]
+
+
+def _allocate_specs(recipe: Recipe, source, units: dict[str, list[str]], shapes: dict[str, torch.Size],
+                    specs: dict[str, QuantSpec], read_as: dict[str, str], dev: torch.device) -> dict[str, QuantSpec]:
+    """target_bits_per_weight: every quantizable weight that no override names gets the candidate
+    scheme (TARGET_CANDIDATES at the recipe's group size) that, over all those weights, minimizes
+    the summed squared weight error within target x their parameter count bits (quant/mixed.py's
+    exact knapsack). Reads each such weight once more and quantizes it with every candidate."""
+    free = [n for unit, members in units.items() for n in members
+            if is_quantizable(n, shapes[n], unit) and recipe.spec_for(n.removesuffix(".weight"))[1] is None]
+    candidates = [QuantSpec(s, recipe.block_size) for s in TARGET_CANDIDATES]
+    choices = {}
+    for n in tqdm(free, desc="measure schemes", unit="weight", disable=not log.isEnabledFor(logging.INFO)):
+        choices[n] = options_for(_read_source(source, read_as[n]).to(dev), candidates)
+    budget = int(recipe.target_bits_per_weight * sum(math.prod(shapes[n]) for n in free))
+    picked = allocate(choices, budget)
+    mix: dict[str, int] = {}
+    for o in picked.values():
+        mix[o.spec.scheme] = mix.get(o.spec.scheme, 0) + 1
+    log.info("target_bits_per_weight %.3g: %.3f bits/weight over %d weights, schemes %s", recipe.target_bits_per_weight,
+             sum(o.bits for o in picked.values()) / sum(math.prod(shapes[n]) for n in free), len(free), mix)
+    return {**specs, **{n: o.spec for n, o in picked.items()}}
 
 
 def _quantize_tensor(w: torch.Tensor, spec: QuantSpec, dev: torch.device, compute_dtype: torch.dtype,

@@ -121,3 +121,64 @@ def test_text_too_short_in_tokens_is_a_recipe_error(tmp_path):
     assert calibration_ids(words, text, 128).shape == (1, 128)
     with pytest.raises(RecipeError, match=r"calibration\.text_file.*200 tokens, fewer than calibration\.tokens = 500"):
         calibration_ids(words, text, 500)
+
+
+def _linear_bits_and_error(out: Path, src: Path) -> tuple[int, int, float, set[str]]:
+    """(stored bits, params, summed squared weight error, schemes) over the quantized 2-D linear weights."""
+    from safetensors.torch import load_file
+
+    from qstream.runtime.twin import dense_state_dict
+    from qstream.store.manifest import read_manifest
+
+    ref = load_file(src / "model.safetensors")
+    dense = dense_state_dict(out, dtype=torch.float32)
+    m = read_manifest(out)
+    bits = params = 0
+    err = 0.0
+    schemes = set()
+    for e in m.files:
+        raw = load_file(m.path(e))
+        for name, meta in e.tensors.items():
+            if meta["scheme"] in ("bf16", "fp32", "fp16") or len(meta["shape"]) != 2 or e.kind == "embed":
+                continue
+            schemes.add(meta["scheme"])
+            params += meta["shape"][0] * meta["shape"][1]
+            bits += 8 * sum(raw[k].numel() * raw[k].element_size() for k in meta["stored"].values())
+            err += float((dense[name] - ref[name].float()).square().sum())
+    return bits, params, err, schemes
+
+
+def test_target_bits_per_weight_respects_the_budget_and_beats_uniform(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m = make_tiny(tmp_path / "m", "llama")
+    # real models' weights differ in scale from matrix to matrix (random init does not): make two
+    # matrices large, so bits spent there save more error than the same bits anywhere else
+    sd = load_file(m / "model.safetensors")
+    for k in ("model.layers.0.mlp.down_proj.weight", "model.layers.2.self_attn.o_proj.weight"):
+        sd[k] = sd[k] * 8
+    save_file(sd, m / "model.safetensors", metadata={"format": "pt"})
+    base = {"model": str(m), "group_size": 64, "compute_dtype": "float32"}
+    shard(parse_recipe({**base, "output": str(tmp_path / "mixed"), "scheme": "q4", "target_bits_per_weight": 4.5}),
+          progress=False)
+    shard(parse_recipe({**base, "output": str(tmp_path / "q4"), "scheme": "q4"}), progress=False)
+    bits, params, err, schemes = _linear_bits_and_error(tmp_path / "mixed", m)
+    u_bits, u_params, u_err, _ = _linear_bits_and_error(tmp_path / "q4", m)
+    assert params == u_params
+    assert bits <= 4.5 * params
+    assert len(schemes) > 1  # a real mix, not the uniform choice again
+    assert err < u_err
+
+
+def test_target_bits_per_weight_overrides_still_win_and_bad_values(tmp_path):
+    m = make_tiny(tmp_path / "m", "llama")
+    r = parse_recipe({"model": str(m), "output": str(tmp_path / "o"), "group_size": 64, "target_bits_per_weight": 4,
+                      "overrides": [{"pattern": "lm_head", "scheme": "bf16"}]})
+    shard(r, progress=False)
+    from qstream.store.manifest import read_manifest
+
+    head = read_manifest(tmp_path / "o").file("head")
+    assert head.tensors["lm_head.weight"]["scheme"] == "bf16"
+    for bad, match in [(2, "outside"), (9, "outside"), ("4", "expected int or float"), (True, "expected int or float")]:
+        with pytest.raises(RecipeError, match=f"target_bits_per_weight.*{match}"):
+            parse_recipe({"model": str(m), "output": "o", "target_bits_per_weight": bad})

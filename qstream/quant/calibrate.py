@@ -103,13 +103,17 @@ class Calibrator:
         sums: dict[str, torch.Tensor] = {}
         count = self.hidden.shape[0] * self.hidden.shape[1]
         hooks = []
+        last: list = [None, None]  # (input tensor, its X^T X): q/k/v (and gate/up) share one input
+
         for name, mod in layer.named_modules():
             if isinstance(mod, nn.Linear):
                 key = f"{self.prefix}.{i}.{name}.weight"
 
                 def hook(m, args, key=key):
-                    x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    sums[key] = sums[key] + x.T @ x if key in sums else x.T @ x
+                    if args[0] is not last[0]:  # identity, not address: `last` keeps the tensor alive
+                        x = args[0].reshape(-1, args[0].shape[-1]).float()
+                        last[0], last[1] = args[0], x.T @ x
+                    sums[key] = sums[key] + last[1] if key in sums else last[1]
 
                 hooks.append(mod.register_forward_pre_hook(hook))
         try:
@@ -117,7 +121,7 @@ class Calibrator:
         finally:
             for h in hooks:
                 h.remove()
-        return {k: v / count for k, v in sums.items()}
+        return {k: v / count for k, v in sums.items()}  # a new tensor per key: shared sums stay unchanged
 
     @torch.no_grad()
     def advance(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
