@@ -59,7 +59,10 @@ CALIBRATED = {"gptq-q4-g64-headbf16": "q4-g64-headbf16", "gptq-q3-g64-headbf16":
               "gptq-q4-g64": "q4-g64", "gptq-q3-g64-headq8": "q3-g64-headq8", "gptq-q4-g64-headq8": "q4-g64-headq8"}
 VARIANTS["q3-g64-headq8"] = ("q3", 64, "q8")
 VARIANTS["q4-g64-headq8"] = ("q4", 64, "q8")
+# target_bits_per_weight (per-weight scheme among q3..q8, weight-error knapsack) at the size of a uniform variant
+TARGETED = {"mixed4.5-g64-headbf16": ("q4-g64-headbf16", 4.5), "mixed3.5-g64-headbf16": ("q3-g64-headbf16", 3.5)}
 VARIANTS.update({k: VARIANTS[v] for k, v in CALIBRATED.items()})
+VARIANTS.update({k: VARIANTS[v] for k, (v, _) in TARGETED.items()})
 DEFAULT = "bf16,q4-g64,q4-g128-headbf16,q4-g64-headbf16,q4-g128-headq5,q3-g128-headq4,q8-g128,nf4-g64,q2-g64,int8-g64"
 
 
@@ -69,6 +72,8 @@ def recipe_for(model: str, variant: str, out: Path, calib_text: str | None = Non
             "description": f"quant_quality variant {variant}"}
     if head:
         data["overrides"] = [{"pattern": "lm_head", "scheme": head}]
+    if variant in TARGETED:
+        data["target_bits_per_weight"] = TARGETED[variant][1]
     if variant in CALIBRATED:
         data["calibration"] = {"text_file": calib_text, "tokens": calib_tokens}
     return parse_recipe(data, source=f"variant {variant}")

@@ -22,12 +22,13 @@ def _correlated_inputs(n: int, cols: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, cols, generator=g) @ mix * scale
 
 
+@pytest.mark.parametrize("grid", ["fit", "minmax"])
 @pytest.mark.parametrize("bits,cols", [(4, 192), (3, 200)])  # 200: a partial last group (padding)
-def test_gptq_beats_round_to_nearest_on_output_error(bits, cols):
+def test_gptq_beats_round_to_nearest_on_output_error(bits, cols, grid):
     x = _correlated_inputs(2048, cols)
     w = torch.randn(96, cols, generator=torch.Generator().manual_seed(1)) * 0.05
     h = x.T @ x / x.shape[0]
-    packed, meta = gptq_quantize(w, h, bits, 64)
+    packed, meta = gptq_quantize(w, h, bits, 64, grid=grid)
     w_gptq = dequantize(packed, meta, dtype=torch.float32)
     assert w_gptq.shape == w.shape
     ref = quantize(w, QuantSpec(f"q{bits}", 64))  # the fitted (HQQ) scheme, already better than plain RTN

@@ -7,11 +7,14 @@ diagonal) are dropped, H is damped by ``damp * mean(diag H)``, the upper Cholesk
 of H^-1 drives the updates, columns are processed in blocks (lazy batch updates) and
 each block's error is applied to the rest of the matrix at once. Differences:
 
-- the grid of a group is the affine min-max grid of :mod:`.affine` (codes in
-  [0, 2**bits), ``w = code * scale + min``; the reference forces zero into the range),
-  taken from the CURRENT, error-fed weights of the group when the group starts (the
-  reference reads the block-stale matrix there), with scale and min rounded to their
-  float16 storage first, so the codes are the ones dequantization will see;
+- the grid of a group is the affine grid of :mod:`.affine` (codes in [0, 2**bits),
+  ``w = code * scale + min``), taken from the CURRENT, error-fed weights of the group when
+  the group starts (the reference reads the block-stale matrix there), with scale and min
+  rounded to their float16 storage first, so the codes are the ones dequantization will see.
+  ``grid="fit"`` (default) fits it with :func:`.hqq.fit` (HQQ + least squares, never worse
+  than min-max on the group's weights); ``grid="minmax"`` is the reference's min-max grid
+  without forcing zero into the range. On SmolLM2-135M q4 g64, min-max GPTQ measured +32.5%
+  perplexity, worse than calibration-free HQQ (+28.4%): the fitted grid matters there;
 - the output is the packed format of :class:`.affine.Affine` exactly, so the runtime's
   existing ``q2`` ... ``q8`` dequantization reads GPTQ shards unchanged.
 """
@@ -21,7 +24,7 @@ import torch
 
 from ..dtypes import DTYPE_NAMES
 from . import bitpack
-from .hqq import codes_for
+from .hqq import codes_for, fit
 
 BLOCK = 128  # columns per lazy batch update (the reference's default)
 DAMP = 0.01  # fraction of mean(diag H) added to the diagonal (the reference's percdamp)
@@ -29,7 +32,7 @@ DAMP = 0.01  # fraction of mean(diag H) added to the diagonal (the reference's p
 
 @torch.no_grad()
 def gptq_codes(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *, block: int = BLOCK,
-               damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               damp: float = DAMP, grid: str = "fit") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes uint8 [rows, cols], scale and min float16 [rows, ceil(cols / group)] of ``w``
     [rows, cols] given its input Hessian ``h`` [cols, cols]."""
     W = w.float().clone()
@@ -60,8 +63,18 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *, block
             if col % group == 0:
                 g = col // group
                 x = W1[:, i:i + group]
-                s16 = ((x.amax(1) - x.amin(1)) / qmax).to(torch.float16)
-                l16 = x.amin(1).to(torch.float16)
+                if grid == "fit":  # :mod:`.hqq`'s fit (proximal solver + least squares, never worse than min-max)
+                    n = x.shape[1]
+                    xp = torch.cat([x, x[:, -1:].expand(-1, group - n)], dim=1) if n < group else x
+                    mask = None
+                    if n < group:
+                        mask = torch.zeros_like(xp)
+                        mask[:, :n] = 1
+                    _, s16, l16 = fit(xp.contiguous(), bits, mask=mask)
+                    s16, l16 = s16.view(-1), l16.view(-1)
+                else:  # min-max
+                    s16 = ((x.amax(1) - x.amin(1)) / qmax).to(torch.float16)
+                    l16 = x.amin(1).to(torch.float16)
                 scales[:, g], lows[:, g] = s16, l16
                 scale, low = s16.float().unsqueeze(1), l16.float().unsqueeze(1)
             wc = W1[:, i:i + 1]
@@ -75,12 +88,12 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *, block
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *, scheme: str | None = None,
-                  block: int = BLOCK, damp: float = DAMP) -> tuple[dict[str, torch.Tensor], dict]:
+                  block: int = BLOCK, damp: float = DAMP, grid: str = "fit") -> tuple[dict[str, torch.Tensor], dict]:
     """``(packed, meta)`` of scheme ``q{bits}`` (see :mod:`.affine`) for weight ``w`` [out, in]."""
     if w.dim() != 2:
         raise ValueError(f"GPTQ needs a 2-D weight, got shape {tuple(w.shape)}")
     rows, cols = w.shape
-    codes, scale, low = gptq_codes(w, h, bits, group, block=block, damp=damp)
+    codes, scale, low = gptq_codes(w, h, bits, group, block=block, damp=damp, grid=grid)
     pad = -cols % group
     if pad:  # padding codes are cut off on dequantization: repeat the last one, as affine pads values
         codes = torch.cat([codes, codes[:, -1:].expand(-1, pad)], dim=1)
