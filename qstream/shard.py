@@ -331,7 +331,7 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
     specs = plan_specs(recipe, source.names, units, shapes)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if recipe.target_bits_per_weight is not None:
-        specs = _allocate_specs(recipe, source, units, shapes, specs, read_as, dev)
+        specs = _allocate_specs(recipe, source, prefix, units, shapes, specs, read_as, dev)
     compute_dtype = DTYPES[recipe.compute_dtype]
 
     done = dict(journal.get("files", {}))
@@ -408,7 +408,7 @@ def _intact(path: Path, entry: dict | None) -> bool:
     return bool(entry) and path.is_file() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]
 
 
-def _allocate_specs(recipe: Recipe, source, units: dict[str, list[str]], shapes: dict[str, torch.Size],
+def _allocate_specs(recipe: Recipe, source, prefix: str, units: dict[str, list[str]], shapes: dict[str, torch.Size],
                     specs: dict[str, QuantSpec], read_as: dict[str, str], dev: torch.device) -> dict[str, QuantSpec]:
     """target_bits_per_weight: every quantizable weight that no override names gets the candidate
     scheme (TARGET_CANDIDATES at the recipe's group size) that, over all those weights, minimizes
@@ -417,9 +417,28 @@ def _allocate_specs(recipe: Recipe, source, units: dict[str, list[str]], shapes:
     free = [n for unit, members in units.items() for n in members
             if is_quantizable(n, shapes[n], unit) and recipe.spec_for(n.removesuffix(".weight"))[1] is None]
     candidates = [QuantSpec(s, recipe.block_size) for s in TARGET_CANDIDATES]
+    scale: dict[str, torch.Tensor] = {}
+    if recipe.calibration is not None:
+        # a pass of the unquantized model over the calibration text: each linear's column errors are
+        # weighted by the mean squared input of that column (the output error, up to correlations)
+        cal = _calibrator(recipe, source, prefix, dev)
+        cal.start({n: _read_source(source, read_as[n]) for n in units["embed"]})
+        for unit, members in units.items():
+            if unit.startswith("layer_"):
+                scale.update(cal.moments(int(unit.split("_")[1]), {n: _read_source(source, read_as[n]) for n in members}))
+        norm = {n: _read_source(source, read_as[n]) for n in units["head"] if len(shapes[n]) == 1 and "norm" in n}
+        heads = [n for n in units["head"] if is_quantizable(n, shapes[n], "head")]
+        if norm and heads:
+            s_head = cal.head_moments(norm)
+            scale.update({n: s_head for n in heads})
+        missing = [n for n in free if n not in scale]
+        if missing:  # errors weighted and unweighted would not compare
+            raise ShardError(f"target_bits_per_weight with calibration: no calibration inputs for {missing[0]}; "
+                             "name it in an override")
+        del cal
     choices = {}
     for n in tqdm(free, desc="measure schemes", unit="weight", disable=not log.isEnabledFor(logging.INFO)):
-        choices[n] = options_for(_read_source(source, read_as[n]).to(dev), candidates)
+        choices[n] = options_for(_read_source(source, read_as[n]).to(dev), candidates, input_scale=scale.get(n))
     budget = int(recipe.target_bits_per_weight * sum(math.prod(shapes[n]) for n in free))
     picked = allocate(choices, budget)
     mix: dict[str, int] = {}

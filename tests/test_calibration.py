@@ -183,3 +183,14 @@ def test_target_bits_per_weight_overrides_still_win_and_bad_values(tmp_path):
     for bad, match in [(2, "outside"), (9, "outside"), ("4", "expected int or float"), (True, "expected int or float")]:
         with pytest.raises(RecipeError, match=f"target_bits_per_weight.*{match}"):
             parse_recipe({"model": str(m), "output": "o", "target_bits_per_weight": bad})
+
+
+def test_target_bits_per_weight_with_calibration(tiny_with_text, tmp_path):
+    """Column errors weighted by calibration input moments (head included); the budget holds."""
+    m, text = tiny_with_text
+    r = parse_recipe({"model": str(m), "output": str(tmp_path / "o"), "group_size": 64, "scheme": "q4",
+                      "compute_dtype": "float32", "target_bits_per_weight": 4.5,
+                      "calibration": {"text_file": str(text), "tokens": 1024}})
+    shard(r, progress=False)
+    bits, params, _, _ = _linear_bits_and_error(tmp_path / "o", m)
+    assert bits <= 4.5 * params

@@ -124,6 +124,43 @@ class Calibrator:
         return {k: v / count for k, v in sums.items()}  # a new tensor per key: shared sums stay unchanged
 
     @torch.no_grad()
+    def moments(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One pass of layer i with ``tensors`` (unquantized): {weight name: mean squared input of each
+        input feature [in]} (diag of H, what mixed.options_for weighs column errors by), and the layer's
+        output becomes the next layer's input."""
+        layer = self._load(i, tensors)
+        count = self.hidden.shape[0] * self.hidden.shape[1]
+        out: dict[str, torch.Tensor] = {}
+        hooks = []
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear):
+                key = f"{self.prefix}.{i}.{name}.weight"
+
+                def hook(m, args, key=key):
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    out[key] = out.get(key, 0) + x.square().sum(0) / count
+
+                hooks.append(mod.register_forward_pre_hook(hook))
+        try:
+            self.hidden = self._run(layer)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n in tensors:
+            _set(self.model, n, torch.empty(0, device="meta"))
+        return out
+
+    @torch.no_grad()
+    def head_moments(self, norm: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean squared input of the head's features: the final norm (its tensors given) of the last
+        layer's output."""
+        for n, t in norm.items():
+            _set(self.model, n, t.float().to(self.device))
+        mod = self.model.get_submodule(next(iter(norm)).rsplit(".", 1)[0])
+        x = mod(self.hidden)
+        return x.reshape(-1, x.shape[-1]).float().square().mean(0)
+
+    @torch.no_grad()
     def advance(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         """Run layer i with ``tensors`` (what the runtime will compute with) on the current inputs."""
         layer = self._load(i, tensors)
