@@ -61,6 +61,8 @@ VARIANTS["q3-g64-headq8"] = ("q3", 64, "q8")
 VARIANTS["q4-g64-headq8"] = ("q4", 64, "q8")
 # target_bits_per_weight (per-weight scheme among q3..q8, weight-error knapsack) at the size of a uniform variant
 TARGETED = {"mixed4.5-g64-headbf16": ("q4-g64-headbf16", 4.5), "mixed3.5-g64-headbf16": ("q3-g64-headbf16", 3.5)}
+CALIBRATED["gptq-mixed4.5-g64-headbf16"] = "q4-g64-headbf16"  # both: GPTQ on the schemes the knapsack picks
+TARGETED["gptq-mixed4.5-g64-headbf16"] = ("q4-g64-headbf16", 4.5)
 VARIANTS.update({k: VARIANTS[v] for k, v in CALIBRATED.items()})
 VARIANTS.update({k: VARIANTS[v] for k, (v, _) in TARGETED.items()})
 DEFAULT = "bf16,q4-g64,q4-g128-headbf16,q4-g64-headbf16,q4-g128-headq5,q3-g128-headq4,q8-g128,nf4-g64,q2-g64,int8-g64"
