@@ -8,6 +8,11 @@
     overrides:                     # first matching pattern wins (fnmatch on module names)
       - {pattern: lm_head, scheme: bf16}
       - {pattern: "model.layers.0.*", scheme: int8}
+    target_bits_per_weight: 4.0    # optional: per-weight schemes chosen to this size (see quant/mixed.py)
+    calibration:                   # optional: GPTQ for the q2 ... q8 weights of decoder layers
+      text_file: eval/data/calib.txt
+      tokens: 4096
+
 
 Only 2-D weights of linear layers are quantized; norms, biases and embeddings are
 stored in ``compute_dtype`` whatever the recipe says (``keep_dtype`` overrides).
@@ -28,7 +33,14 @@ from .errors import RecipeError
 from .quant import SCHEMES, QuantSpec, check_spec, get_scheme
 
 _TOP_KEYS = {"model": str, "output": str, "scheme": str, "block_size": int, "group_size": int, "compute_dtype": str,
-             "overrides": list, "description": str}
+             "overrides": list, "description": str, "calibration": dict,
+             "target_bits_per_weight": (int, float)}
+_CALIBRATION_KEYS = {"text_file": str, "tokens": int}
+DEFAULT_CALIBRATION_TOKENS = 4096  # 8 sequences of 512: GPTQ's usual 128 x 2048 is ~60x more, but the
+# Hessians of a 135M-0.5B model's linears (in_features <= 4864) are well conditioned with 4k tokens after damping
+# the candidate schemes of target_bits_per_weight, at the recipe's group size
+TARGET_CANDIDATES = ("q3", "q4", "q5", "q6", "q8")
+MIN_TARGET_BITS, MAX_TARGET_BITS = 3.25, 8.5  # q3 and q8 at groups of 128 (their float16 scale+min cost 0.25)
 _OVERRIDE_KEYS = {"pattern": str, "scheme": str, "block_size": int, "group_size": int}
 # `group_size` is the usual name for the block of group-quantization schemes (q2 ... q8); it is
 # stored as block_size, so recipes that spell it either way shard identically
@@ -43,6 +55,14 @@ class Override:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """Text whose activations weight the quantization error (GPTQ); ``tokens`` of it are used."""
+
+    text_file: str
+    tokens: int = DEFAULT_CALIBRATION_TOKENS
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: str
     output: Path
@@ -51,6 +71,10 @@ class Recipe:
     compute_dtype: str = "bfloat16"
     overrides: tuple[Override, ...] = field(default_factory=tuple)
     description: str = ""
+    calibration: Calibration | None = None
+    # mixed precision: weights no override names get the scheme among TARGET_CANDIDATES that
+    # minimizes the total predicted error at this many bits per weight on average
+    target_bits_per_weight: float | None = None
 
     def spec_for(self, module: str) -> tuple[QuantSpec, str | None]:
         """The spec of a quantizable weight of ``module``, and the pattern that chose it."""
@@ -64,12 +88,18 @@ class Recipe:
         d = asdict(self)
         d.pop("output")
         d.pop("description")
+        for k in ("calibration", "target_bits_per_weight"):
+            if d[k] is None:
+                d.pop(k)  # recipes without them keep the fingerprint they had before the fields existed
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["output"] = str(self.output)
         d["overrides"] = [{k: v for k, v in asdict(o).items() if v is not None} for o in self.overrides]
+        for k in ("calibration", "target_bits_per_weight"):
+            if d[k] is None:
+                d.pop(k)
         return d
 
 
@@ -77,9 +107,10 @@ def _spec(scheme: str, block_size: int) -> QuantSpec:
     return QuantSpec(scheme, block_size if get_scheme(scheme).block_sizes else None)
 
 
-def _check_type(where: str, value: Any, typ: type) -> None:
-    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
-        raise RecipeError(f"{where}: expected {typ.__name__}, got {type(value).__name__} ({value!r})")
+def _check_type(where: str, value: Any, typ: type | tuple) -> None:
+    if isinstance(value, bool) and typ is not bool or not isinstance(value, typ):
+        name = " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
+        raise RecipeError(f"{where}: expected {name}, got {type(value).__name__} ({value!r})")
 
 
 def _check_fields(where: str, data: dict, allowed: dict[str, type], required: tuple[str, ...]) -> None:
@@ -137,6 +168,11 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     if "\0" in data["output"] or "\0" in data["model"]:
         raise RecipeError(f"{source}: fields 'model' and 'output' must not contain NUL characters")
     output = Path(data["output"]).expanduser()
+    calibration = _calibration(source, data["calibration"]) if "calibration" in data else None
+    target = data.get("target_bits_per_weight")
+    if target is not None and not MIN_TARGET_BITS <= target <= MAX_TARGET_BITS:
+        raise RecipeError(f"{source}: field 'target_bits_per_weight': {target} is outside "
+                          f"{MIN_TARGET_BITS}..{MAX_TARGET_BITS} (the candidate schemes' range)")
     return Recipe(
         model=data["model"],
         output=output,
@@ -145,7 +181,25 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
         compute_dtype=compute_dtype,
         overrides=tuple(overrides),
         description=data.get("description", ""),
+        calibration=calibration,
+        target_bits_per_weight=None if target is None else float(target),
     )
+
+
+def _calibration(source: str, c: dict) -> Calibration:
+    where = f"{source}: field 'calibration'"
+    _check_fields(where, c, _CALIBRATION_KEYS, ("text_file",))
+    tokens = c.get("tokens", DEFAULT_CALIBRATION_TOKENS)
+    if tokens < 1:
+        raise RecipeError(f"{where}.tokens: must be a positive number of tokens, got {tokens}")
+    path = Path(c["text_file"]).expanduser()
+    if not path.is_file():
+        raise RecipeError(f"{where}.text_file: file not found: {path}")
+    # a cheap bound before tokenizing: every token covers at least one byte
+    if path.stat().st_size < tokens:
+        raise RecipeError(f"{where}.text_file: {path} has {path.stat().st_size} bytes, fewer than the "
+                          f"{tokens} tokens asked for; use a longer text or fewer tokens")
+    return Calibration(str(path), tokens)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -34,8 +34,12 @@ from tqdm.auto import tqdm
 from . import __version__
 from .dtypes import DTYPES, KEEP_SCHEME
 from .errors import ShardError, SourceError
-from .quant import QuantSpec, get_scheme, quantize
-from .recipe import Recipe
+from .quant import QuantSpec, dequantize, get_scheme, quantize
+from .quant.affine import Affine
+from .quant.calibrate import Calibrator, calibration_ids
+from .quant.gptq import gptq_quantize
+from .quant.mixed import allocate, options_for
+from .recipe import TARGET_CANDIDATES, Recipe
 from .source import ALIASES, open_source, smollm2_gguf, split_units
 from .store.files import atomic_write_bytes, fsync_dir, safe_member, sha256_file
 from .store.integrity import fast_digest
@@ -329,6 +333,8 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
         read_as["lm_head.weight"] = embed_name
     specs = plan_specs(recipe, source.names, units, shapes)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if recipe.target_bits_per_weight is not None:
+        specs = _allocate_specs(recipe, source, prefix, units, shapes, specs, read_as, dev)
     compute_dtype = DTYPES[recipe.compute_dtype]
 
     done = dict(journal.get("files", {}))
@@ -340,22 +346,34 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
     t0 = time.perf_counter()
     written = resumed = moved = 0
     entries: list[FileEntry] = []
+    cal = _calibrator(recipe, source, prefix, dev) if recipe.calibration is not None else None
     bar = tqdm(total=len(units), desc=f"shard {out.name}", unit="file", disable=not progress)
     for unit, members in units.items():
         fname = f"{unit}.safetensors"
         path = safe_member(out, fname)
-        if _intact(path, done.get(fname)):
+        if cal is not None and unit != "head":
+            # calibration carries activations through every layer: compute even a resumed unit
+            # (deterministic), write it only if it is not intact
+            tensors, metas = _calibrated_unit(cal, unit, members, source, read_as, specs, dev, compute_dtype)
+            moved += sum(math.prod(shapes[n]) * 4 for n in members)
+            if _intact(path, done.get(fname)):
+                entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
+                resumed += 1
+                bar.update(1)
+                continue
+        elif _intact(path, done.get(fname)):
             entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
             resumed += 1
             bar.update(1)
             continue
-        tensors, metas = {}, {}
-        for n in members:
-            w = _read_source(source, read_as[n])
-            moved += w.numel() * w.element_size()
-            keyed, metas[n] = _store_tensor(n, w, specs[n], dev, compute_dtype)
-            tensors.update(keyed)
-            del w
+        else:
+            tensors, metas = {}, {}
+            for n in members:
+                w = _read_source(source, read_as[n])
+                moved += w.numel() * w.element_size()
+                keyed, metas[n] = _store_tensor(n, w, specs[n], dev, compute_dtype)
+                tensors.update(keyed)
+                del w
         data = save_bytes(tensors, {"qstream": json.dumps(metas, sort_keys=True)})
         del tensors
         atomic_write_bytes(path, data)
@@ -393,16 +411,101 @@ def _intact(path: Path, entry: dict | None) -> bool:
     return bool(entry) and path.is_file() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]
 
 
+def _allocate_specs(recipe: Recipe, source, prefix: str, units: dict[str, list[str]], shapes: dict[str, torch.Size],
+                    specs: dict[str, QuantSpec], read_as: dict[str, str], dev: torch.device) -> dict[str, QuantSpec]:
+    """target_bits_per_weight: every quantizable weight that no override names gets the candidate
+    scheme (TARGET_CANDIDATES at the recipe's group size) that, over all those weights, minimizes
+    the summed squared weight error within target x their parameter count bits (quant/mixed.py's
+    exact knapsack). Reads each such weight once more and quantizes it with every candidate."""
+    free = [n for unit, members in units.items() for n in members
+            if is_quantizable(n, shapes[n], unit) and recipe.spec_for(n.removesuffix(".weight"))[1] is None]
+    candidates = [QuantSpec(s, recipe.block_size) for s in TARGET_CANDIDATES]
+    scale: dict[str, torch.Tensor] = {}
+    if recipe.calibration is not None:
+        # a pass of the unquantized model over the calibration text: each linear's column errors are
+        # weighted by the mean squared input of that column (the output error, up to correlations)
+        cal = _calibrator(recipe, source, prefix, dev)
+        cal.start({n: _read_source(source, read_as[n]) for n in units["embed"]})
+        for unit, members in units.items():
+            if unit.startswith("layer_"):
+                scale.update(cal.moments(int(unit.split("_")[1]), {n: _read_source(source, read_as[n]) for n in members}))
+        norm = {n: _read_source(source, read_as[n]) for n in units["head"] if len(shapes[n]) == 1 and "norm" in n}
+        heads = [n for n in units["head"] if is_quantizable(n, shapes[n], "head")]
+        if norm and heads:
+            s_head = cal.head_moments(norm)
+            scale.update({n: s_head for n in heads})
+        missing = [n for n in free if n not in scale]
+        if missing:  # errors weighted and unweighted would not compare
+            raise ShardError(f"target_bits_per_weight with calibration: no calibration inputs for {missing[0]}; "
+                             "name it in an override")
+        del cal
+    choices = {}
+    for n in tqdm(free, desc="measure schemes", unit="weight", disable=not log.isEnabledFor(logging.INFO)):
+        choices[n] = options_for(_read_source(source, read_as[n]).to(dev), candidates, input_scale=scale.get(n))
+    budget = int(recipe.target_bits_per_weight * sum(math.prod(shapes[n]) for n in free))
+    picked = allocate(choices, budget)
+    mix: dict[str, int] = {}
+    for o in picked.values():
+        mix[o.spec.scheme] = mix.get(o.spec.scheme, 0) + 1
+    log.info("target_bits_per_weight %.3g: %.3f bits/weight over %d weights, schemes %s", recipe.target_bits_per_weight,
+             sum(o.bits for o in picked.values()) / sum(math.prod(shapes[n]) for n in free), len(free), mix)
+    return {**specs, **{n: o.spec for n, o in picked.items()}}
+
+
+def _quantize_tensor(w: torch.Tensor, spec: QuantSpec, dev: torch.device, compute_dtype: torch.dtype,
+                     hessian: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """One source tensor -> (packed, meta). Quantized schemes run on ``dev`` (fast on CUDA); pass-through
+    keeps floats in the compute dtype; an affine scheme with a calibration Hessian uses GPTQ."""
+    scheme = get_scheme(spec.scheme)
+    if hessian is not None and isinstance(scheme, Affine):
+        return gptq_quantize(w.to(dev), hessian.to(dev), scheme.bits, spec.block_size, scheme=spec.scheme)
+    if scheme.quantized:
+        return quantize(w.to(dev), spec)
+    return quantize(w.to(compute_dtype) if w.is_floating_point() else w, spec)
+
+
 def _store_tensor(name: str, w: torch.Tensor, spec: QuantSpec, dev: torch.device,
                   compute_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
-    """One source tensor -> the tensors to store under their file keys, and its metadata.
-    Quantized schemes run on ``dev`` (fast on CUDA); pass-through keeps floats in the compute dtype."""
-    if get_scheme(spec.scheme).quantized:
-        packed, meta = quantize(w.to(dev), spec)
-    else:
-        packed, meta = quantize(w.to(compute_dtype) if w.is_floating_point() else w, spec)
+    """One source tensor -> the tensors to store under their file keys, and its metadata."""
+    packed, meta = _quantize_tensor(w, spec, dev, compute_dtype)
     keyed, meta["stored"] = pack_stored(name, {k: t.contiguous().cpu() for k, t in packed.items()})
     return keyed, meta
+
+
+def _calibrator(recipe: Recipe, source, prefix: str, dev: torch.device) -> Calibrator:
+    """The calibration activations' carrier, with the recipe's text tokenized by the source's tokenizer."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="qstream-calib-") as tmp:
+        source.save_tokenizer(Path(tmp))
+        tok = AutoTokenizer.from_pretrained(tmp)
+    ids = calibration_ids(tok, recipe.calibration.text_file, recipe.calibration.tokens)
+    log.info("calibration: %d sequences of %d tokens from %s", ids.shape[0], ids.shape[1], recipe.calibration.text_file)
+    return Calibrator(source.config, ids, prefix, dev)
+
+
+def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, read_as: dict[str, str],
+                     specs: dict[str, QuantSpec], dev: torch.device, compute_dtype: torch.dtype):
+    """Embeddings: stored as usual, and they start the calibration. Layer i: its linears' Hessians on
+    the current (already-quantized-upstream) activations, GPTQ for affine schemes, then the layer as
+    stored (dequantized) produces layer i+1's inputs."""
+    raw = {n: _read_source(source, read_as[n]) for n in members}
+    hessians = cal.collect(int(unit.split("_")[1]), raw) if unit.startswith("layer_") else {}
+    tensors, metas, runtime = {}, {}, {}
+    for n in members:
+        packed, meta = _quantize_tensor(raw[n], specs[n], dev, compute_dtype, hessians.get(n))
+        runtime[n] = dequantize(packed, meta, dtype=torch.float32) if raw[n].is_floating_point() else raw[n]
+        keyed, meta["stored"] = pack_stored(n, {k: t.contiguous().cpu() for k, t in packed.items()})
+        tensors.update(keyed)
+        metas[n] = meta
+    del raw, hessians
+    if unit == "embed":
+        cal.start(runtime)
+    else:
+        cal.advance(int(unit.split("_")[1]), runtime)
+    return tensors, metas
 
 
 def _config_dict(config) -> dict:

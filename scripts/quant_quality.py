@@ -54,15 +54,30 @@ VARIANTS: dict[str, tuple[str, int, str | None]] = {
     "q3-g128-headq4": ("q3", 128, "q4"),
     "q2-g64": ("q2", 64, None),
 }
+# GPTQ (calibrated on --calib-text, a different text from the evaluation text) of the same formats
+CALIBRATED = {"gptq-q4-g64-headbf16": "q4-g64-headbf16", "gptq-q3-g64-headbf16": "q3-g64-headbf16",
+              "gptq-q4-g64": "q4-g64", "gptq-q3-g64-headq8": "q3-g64-headq8", "gptq-q4-g64-headq8": "q4-g64-headq8"}
+VARIANTS["q3-g64-headq8"] = ("q3", 64, "q8")
+VARIANTS["q4-g64-headq8"] = ("q4", 64, "q8")
+# target_bits_per_weight (per-weight scheme among q3..q8, weight-error knapsack) at the size of a uniform variant
+TARGETED = {"mixed4.5-g64-headbf16": ("q4-g64-headbf16", 4.5), "mixed3.5-g64-headbf16": ("q3-g64-headbf16", 3.5)}
+CALIBRATED["gptq-mixed4.5-g64-headbf16"] = "q4-g64-headbf16"  # both: GPTQ on the schemes the knapsack picks
+TARGETED["gptq-mixed4.5-g64-headbf16"] = ("q4-g64-headbf16", 4.5)
+VARIANTS.update({k: VARIANTS[v] for k, v in CALIBRATED.items()})
+VARIANTS.update({k: VARIANTS[v] for k, (v, _) in TARGETED.items()})
 DEFAULT = "bf16,q4-g64,q4-g128-headbf16,q4-g64-headbf16,q4-g128-headq5,q3-g128-headq4,q8-g128,nf4-g64,q2-g64,int8-g64"
 
 
-def recipe_for(model: str, variant: str, out: Path):
+def recipe_for(model: str, variant: str, out: Path, calib_text: str | None = None, calib_tokens: int = 4096):
     scheme, group, head = VARIANTS[variant]
     data = {"model": model, "output": str(out), "scheme": scheme, "group_size": group, "compute_dtype": "bfloat16",
             "description": f"quant_quality variant {variant}"}
     if head:
         data["overrides"] = [{"pattern": "lm_head", "scheme": head}]
+    if variant in TARGETED:
+        data["target_bits_per_weight"] = TARGETED[variant][1]
+    if variant in CALIBRATED:
+        data["calibration"] = {"text_file": calib_text, "tokens": calib_tokens}
     return parse_recipe(data, source=f"variant {variant}")
 
 
@@ -102,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", required=True, help="result file stem, e.g. smollm2-135m")
     p.add_argument("--variants", default=DEFAULT, help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--text-file", default="eval/data/sample.txt")
+    p.add_argument("--calib-text", default="eval/data/calib.txt", help="calibration text of the gptq-* variants")
+    p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--work", default="/tmp/qstream-quant-quality", help="where shards go")
@@ -124,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = None
     for v in variants:
         d = work / v
-        recipe = recipe_for(a.model, v, d)
+        recipe = recipe_for(a.model, v, d, a.calib_text, a.calib_tokens)
         prev = previous.get(v, {})
         done = (d / "manifest.json").is_file() and json.loads((d / "manifest.json").read_text())["fingerprint"] == recipe.fingerprint()
         if a.reshard or not done:
@@ -143,16 +160,27 @@ def main(argv: list[str] | None = None) -> int:
         else:
             r = perplexity(d, ids, context=a.context, stride=a.context, limit=a.limit, device="cpu", progress=False)
         row = {"variant": v, "scheme": VARIANTS[v][0], "group": VARIANTS[v][1], "head": VARIANTS[v][2] or VARIANTS[v][0],
+               "calibration": recipe.calibration and {"text_file": recipe.calibration.text_file,
+                                                      "tokens": recipe.calibration.tokens},
                "fingerprint": recipe.fingerprint(), "limit": a.limit, "bits_per_weight_linear": bpw,
                "bits_per_weight_decoder": bpw_body, "linear_bytes": linear_bytes,
                "shard_bytes": total, "perplexity": r["perplexity"], "tokens_scored": r["tokens_scored"],
                "windows": r["windows"], "shard_seconds": shard_s, "eval_seconds": time.perf_counter() - t0}
         rows.append(row)
-        _write(a, rows, json_path, out_dir)  # after every variant: a long run leaves partial results
+        _write(a, _merged(previous, rows), json_path, out_dir)  # after every variant: a long run leaves partial results
         print(f"{v:18s} bpw {bpw:6.3f}  bytes {total:>12,}  ppl {r['perplexity']:.4f}  shard {shard_s or 0:.1f} s",
               flush=True)
-    print(markdown(_write(a, rows, json_path, out_dir)))
+    print(markdown(_write(a, _merged(previous, rows), json_path, out_dir)))
     return 0
+
+
+def _merged(previous: dict[str, dict], rows: list[dict]) -> list[dict]:
+    """Earlier rows are kept (in their order) unless this run measured the variant again;
+    the reference row (bf16) stays first."""
+    new = {r["variant"]: r for r in rows}
+    out = [new.get(v, r) for v, r in previous.items()]
+    out += [r for r in rows if r["variant"] not in previous]
+    return sorted(out, key=lambda r: r["variant"] != "bf16")
 
 
 def _write(a, rows: list[dict], json_path: Path, out_dir: Path) -> dict:

@@ -1,0 +1,169 @@
+"""Calibration activations for GPTQ, carried layer by layer while sharding.
+
+The model is a skeleton on the meta device (no weight memory); ``start`` materializes the
+embeddings, runs the model's own forward until layer 0 (which prepares the attention mask
+and rotary embeddings exactly as inference does, the trick of StreamedModel._embed_batches)
+and keeps layer 0's input and keyword arguments. Then for each layer i:
+
+    hessians = cal.collect(i, tensors)   # layer i in float32 from the source; H of each linear
+    ... quantize layer i with them ...
+    cal.advance(i, dequantized)          # run the QUANTIZED layer: layer i+1's inputs
+
+so layer i is quantized against inputs that went through the already-quantized layers
+0..i-1 (GPTQ's sequential scheme), and only one layer's weights are materialized at a time.
+Everything runs in float32 on the CPU (or the given device).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import RecipeError
+
+SEQ = 512  # tokens per calibration sequence: the context the quality measurements use
+
+
+def calibration_ids(tokenizer, text_file: str | Path, tokens: int) -> torch.Tensor:
+    """The first ``tokens`` token ids of the file as [tokens // SEQ, SEQ] (one sequence if shorter)."""
+    text = Path(text_file).read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < tokens:
+        raise RecipeError(f"field 'calibration.text_file': {text_file} has {len(ids)} tokens, fewer than "
+                          f"calibration.tokens = {tokens}; use a longer text or fewer tokens")
+    seq = min(SEQ, tokens)
+    n = tokens // seq
+    return torch.tensor(ids[:n * seq]).view(n, seq)
+
+
+def _set(root: nn.Module, name: str, t: torch.Tensor) -> None:
+    path, attr = name.rsplit(".", 1)
+    root.get_submodule(path)._parameters[attr] = nn.Parameter(t, requires_grad=False)
+
+
+class Calibrator:
+    def __init__(self, config, ids: torch.Tensor, layers_prefix: str, device: torch.device | str = "cpu"):
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights(include_buffers=False):  # buffers (rotary tables) real, weights on meta
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        self.device = torch.device(device)
+        for mod in self.model.modules():
+            for k, b in list(mod._buffers.items()):
+                if b is not None and b.device.type != "meta":
+                    mod._buffers[k] = b.to(self.device)
+        self.ids = ids
+        self.prefix = layers_prefix
+        self.layers = self.model.get_submodule(layers_prefix)
+        self.hidden: torch.Tensor | None = None
+        self.kwargs: dict = {}
+
+    @torch.no_grad()
+    def start(self, embed: dict[str, torch.Tensor]) -> None:
+        """Layer 0's inputs from the embedding tensors (names as stored)."""
+        for n, t in embed.items():
+            _set(self.model, n, t.float().to(self.device))
+
+        class _Caught(Exception):
+            pass
+
+        def catch(module, args, kw):
+            self.hidden = args[0] if args else kw.pop("hidden_states")
+            self.kwargs = {k: v for k, v in kw.items() if k != "hidden_states"}
+            raise _Caught
+
+        h = self.layers[0].register_forward_pre_hook(catch, with_kwargs=True, prepend=True)
+        try:
+            self.model.base_model(input_ids=self.ids.to(self.device), use_cache=False)
+        except _Caught:
+            pass
+        finally:
+            h.remove()
+        if self.hidden is None:
+            raise RuntimeError("calibration: the model's forward never reached its first decoder layer")
+        for n in embed:  # the embeddings are not needed again
+            _set(self.model, n, torch.empty(0, device="meta"))
+
+    def _load(self, i: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        for n, t in tensors.items():
+            _set(self.model, n, t.float().to(self.device))
+        return self.layers[i]
+
+    def _run(self, layer: nn.Module) -> torch.Tensor:
+        out = layer(self.hidden, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def collect(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Layer i with ``tensors`` (its float weights): {weight name: H = X^T X / N [in, in]} of
+        every linear, X its inputs over all calibration tokens."""
+        layer = self._load(i, tensors)
+        sums: dict[str, torch.Tensor] = {}
+        count = self.hidden.shape[0] * self.hidden.shape[1]
+        hooks = []
+        last: list = [None, None]  # (input tensor, its X^T X): q/k/v (and gate/up) share one input
+
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear):
+                key = f"{self.prefix}.{i}.{name}.weight"
+
+                def hook(m, args, key=key):
+                    if args[0] is not last[0]:  # identity, not address: `last` keeps the tensor alive
+                        x = args[0].reshape(-1, args[0].shape[-1]).float()
+                        last[0], last[1] = args[0], x.T @ x
+                    sums[key] = sums[key] + last[1] if key in sums else last[1]
+
+                hooks.append(mod.register_forward_pre_hook(hook))
+        try:
+            self._run(layer)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {k: v / count for k, v in sums.items()}  # a new tensor per key: shared sums stay unchanged
+
+    @torch.no_grad()
+    def moments(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One pass of layer i with ``tensors`` (unquantized): {weight name: mean squared input of each
+        input feature [in]} (diag of H, what mixed.options_for weighs column errors by), and the layer's
+        output becomes the next layer's input."""
+        layer = self._load(i, tensors)
+        count = self.hidden.shape[0] * self.hidden.shape[1]
+        out: dict[str, torch.Tensor] = {}
+        hooks = []
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear):
+                key = f"{self.prefix}.{i}.{name}.weight"
+
+                def hook(m, args, key=key):
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    out[key] = out.get(key, 0) + x.square().sum(0) / count
+
+                hooks.append(mod.register_forward_pre_hook(hook))
+        try:
+            self.hidden = self._run(layer)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n in tensors:
+            _set(self.model, n, torch.empty(0, device="meta"))
+        return out
+
+    @torch.no_grad()
+    def head_moments(self, norm: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean squared input of the head's features: the final norm (its tensors given) of the last
+        layer's output."""
+        for n, t in norm.items():
+            _set(self.model, n, t.float().to(self.device))
+        mod = self.model.get_submodule(next(iter(norm)).rsplit(".", 1)[0])
+        x = mod(self.hidden)
+        return x.reshape(-1, x.shape[-1]).float().square().mean(0)
+
+    @torch.no_grad()
+    def advance(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Run layer i with ``tensors`` (what the runtime will compute with) on the current inputs."""
+        layer = self._load(i, tensors)
+        self.hidden = self._run(layer)
+        for n in tensors:  # free the layer: at most one layer's float weights are held here
+            _set(self.model, n, torch.empty(0, device="meta"))
