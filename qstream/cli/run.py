@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import QstreamError
 from ..generate import SamplingConfig, format_prompts, generate
-from ..runtime.build import default_max_seq
+from ..runtime.plan import default_max_seq
 from ..store.manifest import read_manifest
 from .common import COMMON, add_runtime_args, check_text, open_model, open_tokenizer
 from .spec import add_spec_args, spec_config, spec_summary, speculative_run
@@ -115,7 +115,7 @@ def _cmd_chat(a: argparse.Namespace) -> int:
     tok = open_tokenizer(a.dir)
     if not getattr(tok, "chat_template", None) and not a.no_chat:
         print("qstream: this model's tokenizer has no chat template; turns are joined as plain text", file=sys.stderr)
-    room = a.max_context or default_max_seq(read_manifest(a.dir))
+    room = a.max_context or default_max_seq(read_manifest(a.dir).max_positions)
     model = open_model(a, max_seq=room)
     tty = sys.stdin.isatty()
     if tty:

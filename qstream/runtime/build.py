@@ -27,13 +27,12 @@ from .embedding import HostEmbedding
 from .hooks import Binding, set_param
 from .model import StreamedModel
 from .pipeline import Pipeline
-from .plan import parse_bytes, plan_tiers
+from .plan import default_max_seq, parse_bytes, plan_tiers
 from .qlinear import QLinear
 from .stats import Stats
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SEQ = 4096  # KV room reserved when the caller does not say (capped by the model's own limit)
 PROGRESS_MIN_BYTES = 256 << 20  # below this a load is too quick for a progress bar to help
 
 
@@ -60,10 +59,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available():
         raise QstreamError("device 'cuda' requested but CUDA is not available; use --device cpu")
     return d
-
-
-def default_max_seq(manifest: Manifest) -> int:
-    return min(manifest.max_positions or DEFAULT_MAX_SEQ, DEFAULT_MAX_SEQ)
 
 
 def hf_config(manifest: Manifest):
@@ -206,7 +201,7 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
         log.info("float16 compute on CPU is slow; consider compute_dtype bfloat16 or float32")
     budget = parse_bytes(gpu_memory, what="gpu_memory")
     host_budget = available_host_memory() // 2 if host_memory in ("auto", None) else parse_bytes(host_memory, what="host_memory")
-    max_seq = max_seq or default_max_seq(manifest)
+    max_seq = max_seq or default_max_seq(manifest.max_positions)
 
     layer_entries = manifest.layer_files()
     embed_e, head_e = manifest.file("embed"), manifest.file("head")

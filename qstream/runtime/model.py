@@ -21,7 +21,7 @@ from ..store.manifest import Manifest
 from .graphs import LayerGraphs
 from .hooks import Binding, StreamHooks
 from .pipeline import Pipeline
-from .plan import TierPlan
+from .plan import TierPlan, default_max_seq
 from .qlinear import QLinear
 from .stats import Stats
 
@@ -73,7 +73,7 @@ class StreamedModel:
         self.profile = profile
         self.hooks = StreamHooks(layers, set(plan.streamed), bindings, pipeline, stats, device=device, profile=profile)
         self.max_batch = max_batch
-        self.max_seq = max_seq or min(manifest.max_positions or 4096, 4096)
+        self.max_seq = max_seq or default_max_seq(manifest.max_positions)
         self.graphs: LayerGraphs | None = None
         self._static: tuple[int, object] | None = None  # (batch, StaticCache) reused by every generation
         self.warmup_s = 0.0

@@ -37,6 +37,15 @@ def parse_bytes(value: str | int | float | None, *, what: str = "memory") -> int
     return int(float(m[1]) * _UNITS[m[2]])
 
 
+DEFAULT_MAX_SEQ = 4096  # KV room reserved when the caller does not say (capped by the model's own limit)
+
+
+def default_max_seq(max_positions: int | None) -> int:
+    """The sequence length a model reserves KV cache for by default: the model's own limit, at most
+    DEFAULT_MAX_SEQ (the one place this policy lives: load, the static cache, chat and serve use it)."""
+    return min(max_positions or DEFAULT_MAX_SEQ, DEFAULT_MAX_SEQ)
+
+
 def size(n: int) -> str:
     """Bytes in the largest binary unit that keeps the number readable: 4.00 GiB, 350.0 KiB."""
     for unit, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)):

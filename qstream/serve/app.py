@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import QstreamError, ShardError
 from ..generate import SamplingConfig, eos_ids, load_tokenizer
 from ..runtime.build import load
+from ..runtime.plan import default_max_seq
 from . import protocol as P
 from .scheduler import Event, QueueFull, Scheduler, Sequence
 
@@ -253,8 +254,8 @@ def open_engine(cfg: ServeConfig) -> Engine:
     model = load(path, device=cfg.device, gpu_memory=cfg.gpu_memory, host_memory=cfg.host_memory,
                  max_batch=cfg.max_batch, max_seq=cfg.max_context, verify=cfg.verify)
     try:
-        limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-        max_context = cfg.max_context or min(limit or 4096, 4096)  # the cap qstream.load reserves KV for by default
+        limit = model.manifest.max_positions
+        max_context = cfg.max_context or default_max_seq(limit)  # what load() reserved KV cache for
         if max_context < 2 or (limit and max_context > limit):
             raise QstreamError(f"--max-context must be in [2, {limit or 'the model limit'}], got {max_context}")
         tok = load_tokenizer(path)

@@ -13,7 +13,6 @@ manifest through :class:`Manifest`'s typed accessors, never through raw dicts.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
