@@ -11,7 +11,7 @@ from ..errors import QstreamError, ShardError
 from ..generate import load_tokenizer
 from ..runtime.build import load
 from ..store.check import check_tokenizer_files
-from ..store.inspect import verify
+from ..store.inspect import require_verified
 from ..store.manifest import read_manifest
 
 # -v/-q work before or after the subcommand; SUPPRESS keeps the top-level value when absent
@@ -71,11 +71,7 @@ def note_host_memory(a: argparse.Namespace, model) -> None:
 def verify_first(a: argparse.Namespace) -> None:
     """--verify for commands that load the model through a library call (bench)."""
     if getattr(a, "verify", False):
-        rep = verify(a.dir, progress=False)
-        if not rep.passed:
-            bad = [f"missing {n}" for n in rep.missing] + [f"corrupt {n}" for n in rep.corrupt] + rep.invalid
-            raise ShardError(f"{a.dir}: verify failed: {bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; "
-                             "re-run `qstream shard` on the recipe")
+        require_verified(a.dir)
 
 
 def open_tokenizer(path):

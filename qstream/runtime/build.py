@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..dtypes import DTYPES
 from ..errors import QstreamError, ShardError
-from ..store.inspect import verify as verify_dir
+from ..store.inspect import require_verified
 from ..store.manifest import FileEntry, Manifest, read_manifest
 from ..store.check import (CONFIG_ERRORS, check_tokenizer_files, checked_header, config_error, manifest_problems,
                            raise_first, shape_problems)
@@ -189,11 +189,7 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
     dev = resolve_device(device)
     manifest = read_manifest(path)
     if verify:
-        rep = verify_dir(path, progress=False)
-        if not rep.passed:
-            bad = [f"missing {n}" for n in rep.missing] + [f"corrupt {n}" for n in rep.corrupt] + rep.invalid
-            raise ShardError(f"{path}: verify failed: {bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; "
-                             "re-run `qstream shard` on the recipe")
+        require_verified(path)
     raise_first(manifest.root, manifest_problems(manifest))  # completeness and the fields used below
     check_tokenizer_files(manifest)
     dtype = DTYPES[manifest.compute_dtype]

@@ -62,6 +62,15 @@ class VerifyReport:
         return not self.missing and not self.corrupt and not self.invalid
 
 
+def require_verified(root: str | Path) -> None:
+    """Full verification before a run (``--verify``): a ShardError naming the first problem."""
+    rep = verify(root, progress=False)
+    if not rep.passed:
+        bad = [f"missing {n}" for n in rep.missing] + [f"corrupt {n}" for n in rep.corrupt] + rep.invalid
+        raise ShardError(f"{root}: verify failed: {bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; "
+                         "re-run `qstream shard` on the recipe")
+
+
 def verify(root: str | Path, *, progress: bool = True, shapes: bool = True) -> VerifyReport:
     """Every file's size and sha256, every header against the manifest, the manifest's completeness
     and the fields the runtime relies on; ``shapes`` also builds the config's model on the meta
