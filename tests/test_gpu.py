@@ -105,3 +105,26 @@ def test_triton_dequantization_equals_the_torch_path(bits, group, cols):
     # the torch path on the CPU copy is the reference
     ref = scheme.dequantize({k: v.cpu() for k, v in packed.items()}, meta, dtype=torch.float32)
     torch.testing.assert_close(fast.cpu(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_sibling_gemv_gives_the_unfused_tokens(tmp_path, arch):
+    """q/k/v and gate/up as one bitsandbytes gemv per group (runtime/fuse.py) against one gemv
+    per linear: each output row is the same reduction over the same codes, so the tokens (and,
+    up to reduction order, the logits) are the same."""
+    import qstream
+    from qstream.generate import SamplingConfig, generate_ids
+
+    src = make_tiny(tmp_path / "m", arch, num_hidden_layers=4, hidden_size=256, intermediate_size=512)
+    out = shard_to(tmp_path, src, "nf4", compute_dtype="bfloat16")
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(4))
+    tokens, fused_groups = {}, {}
+    for fuse in (False, True):
+        m = qstream.load(out, device="cuda", fuse=fuse, max_seq=64)
+        try:
+            fused_groups[fuse] = sum(q.shared is not None for q in m.hf.modules() if hasattr(q, "shared"))
+            tokens[fuse] = generate_ids(m, ids, torch.ones_like(ids), SamplingConfig(max_new_tokens=12)).new_tokens
+        finally:
+            m.close()
+    assert fused_groups == {False: 0, True: 4 * 5}
+    assert tokens[True] == tokens[False]

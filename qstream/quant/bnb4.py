@@ -72,6 +72,20 @@ class FourBit:
                                                      meta["block_size"])
         return y if bias is None else y + bias
 
+    def join_rows(self, metas: list[dict]) -> dict | None:
+        """The metadata of the weight whose rows are the given weights' rows, one after the
+        other, or None when their codes cannot simply be concatenated: codes are packed two a
+        byte over the flattened weight with one absmax per block, so concatenating the packed
+        tensors joins the rows when every weight fills whole blocks (runtime/fuse.py)."""
+        first = metas[0]
+        ins = first["shape"][-1]
+        for m in metas:
+            n = math.prod(m["shape"])
+            if (m["scheme"] != first["scheme"] or m["block_size"] != first["block_size"] or len(m["shape"]) != 2
+                    or m["shape"][-1] != ins or n % m["block_size"] or n % 2 or m["dtype"] != first["dtype"]):
+                return None
+        return {**first, "shape": [sum(m["shape"][0] for m in metas), ins]}
+
     def error_bound(self, block_size: int) -> float:
         # Gaussian weights: NF4 0.088 at block 32 rising to 0.113 at 4096; FP4 0.115 to 0.163
         base = 0.10 if self.quant_type == "nf4" else 0.13

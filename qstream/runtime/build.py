@@ -22,8 +22,9 @@ from ..store.manifest import FileEntry, Manifest, read_manifest
 from ..store.check import (CONFIG_ERRORS, check_tokenizer_files, checked_header, config_error, manifest_problems,
                            raise_first, shape_problems)
 from ..store.integrity import FileCheck, file_check
-from ..store.tensors import read_file, views
+from ..store.tensors import read_file, regroup, relayout, views
 from .embedding import HostEmbedding
+from .fuse import attach, file_groups, plan_groups
 from .hooks import Binding, set_param
 from .model import StreamedModel
 from .pipeline import Pipeline
@@ -149,9 +150,10 @@ def _buffers_to(hf: nn.Module, dev: torch.device) -> None:
 
 
 def _read_tiers(manifest: Manifest, entries: list[FileEntry], headers: list, plan, bindings: dict[int, Binding],
-                dev: torch.device, progress: bool, checks: dict[int, FileCheck]) -> dict[int, torch.Tensor]:
-    """Resident layers are read once and kept on the device for good; host-tier layers are read
-    into (pinned, on CUDA) RAM and returned for the pipeline."""
+                dev: torch.device, progress: bool, checks: dict[int, FileCheck], fuse: bool) -> dict[int, torch.Tensor]:
+    """Resident layers are read once and kept on the device for good (with sibling linears
+    laid out back to back when ``fuse``, see fuse.py); host-tier layers are read into (pinned,
+    on CUDA) RAM and returned for the pipeline."""
     host_layers = {}
     todo = sorted(plan.resident + plan.host)
     total = sum(headers[i].data_size for i in todo)
@@ -162,7 +164,13 @@ def _read_tiers(manifest: Manifest, entries: list[FileEntry], headers: list, pla
             if i in plan.host:
                 host_layers[i] = buf
             else:
-                bindings[i].apply(views(buf.to(dev), headers[i]))
+                header, groups = headers[i], plan_groups(bindings[i]) if fuse else []
+                if groups:
+                    header = regroup(header, file_groups(groups))
+                    buf = relayout(buf, headers[i], header)
+                tensors = views(buf.to(dev), header)
+                bindings[i].apply(tensors)
+                attach(groups, tensors)
             bar.update(headers[i].data_size)
     return host_layers
 
@@ -171,7 +179,7 @@ def _read_tiers(manifest: Manifest, entries: list[FileEntry], headers: list, pla
 def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_memory: str | int | None = None,
          host_memory: str | int | None = "auto", max_batch: int = 1, max_seq: int | None = None, prefill_chunk: int = 512,
          max_slots: int = 4, profile: bool = True, verify: bool = False, cold_disk: bool = False,
-         progress: bool = True, decode: str = "auto", warmup: bool = True) -> StreamedModel:
+         progress: bool = True, decode: str = "auto", warmup: bool = True, fuse: bool | None = None) -> StreamedModel:
     """Open a shard directory for inference.
 
     gpu_memory: budget on the compute device ("4GiB"; None = unlimited) covering weights,
@@ -185,6 +193,8 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
         "static" (static cache, no graphs) or "eager" (dynamic cache); see runtime/graphs.py.
     warmup: on CUDA, run a short generation before returning (kernels, graphs), so that the
         first real steps run at full speed and the cost shows up as load time.
+    fuse: one matrix-vector product for q/k/v and for gate/up of resident layers at batch 1
+        (None = on CUDA, where a fused single-row kernel exists; see runtime/fuse.py).
     """
     dev = resolve_device(device)
     manifest = read_manifest(path)
@@ -231,7 +241,8 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
                       max_slots=max_slots)
     log.info("%s", plan.describe())
 
-    host_layers = _read_tiers(manifest, layer_entries, headers, plan, bindings, dev, progress, checks)
+    fuse = dev.type == "cuda" if fuse is None else fuse
+    host_layers = _read_tiers(manifest, layer_entries, headers, plan, bindings, dev, progress, checks, fuse)
     pipeline = None
     if plan.streamed:
         pipeline = Pipeline(device=dev, streamed=list(plan.streamed), host_layers=host_layers, disk_layers=list(plan.disk),

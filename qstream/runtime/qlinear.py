@@ -23,6 +23,7 @@ class QLinear(nn.Module):
         self.has_bias = bias
         self.stats = stats  # set to a Stats to time dequantization with CUDA events
         self.fused = True  # use a scheme's fused single-row kernel when it has one
+        self.shared = None  # (FusedGemv, index) when this layer's rows are joined with its siblings' (fuse.py)
 
     def bind(self, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> None:
         self.packed = packed
@@ -35,6 +36,10 @@ class QLinear(nn.Module):
         if not self.packed:
             raise RuntimeError(f"QLinear {self.meta.get('name', '')} used before its weights were bound")
         x = x.to(self.compute_dtype)
+        if self.shared is not None and self.fused:
+            y = self.shared[0].output(self.shared[1], x)
+            if y is not None:
+                return y
         gemv = getattr(self.scheme, "gemv", None)
         if gemv is not None and self.fused:
             y = gemv(x, self.packed, self.meta, self.bias_t)  # decode step: no dequantized weight at all

@@ -97,6 +97,54 @@ def views(buf: torch.Tensor, header: Header) -> dict[str, torch.Tensor]:
     return {name: buf[s.start:s.end].view(ST_DTYPES[s.dtype]).view(s.shape) for name, s in header.tensors.items()}
 
 
+def regroup(header: Header, groups: list[list[str]]) -> Header:
+    """A layout of ``header``'s tensors in which each group's tensors lie back to back, in
+    the group's order, plus one extra slot per group (named by :func:`group_key`) that spans
+    them as one tensor concatenated along dim 0. What it is for: sibling linear layers that
+    read the same input (q/k/v, gate/up) run as one fused matrix-vector product over the span,
+    with no copy of their weights (runtime/fuse.py). Use :func:`relayout` to move a buffer's
+    bytes from ``header``'s layout to this one. Every group's tensors must share a dtype and
+    their trailing dimensions."""
+    slots, out, pos = header.tensors, {}, 0
+    grouped = {k for g in groups for k in g}
+
+    def align(n: int) -> int:
+        return -(-n // 16) * 16  # 16 bytes: enough for any dtype in ST_DTYPES
+
+    for g in groups:
+        first = slots[g[0]]
+        if any(slots[k].dtype != first.dtype or slots[k].shape[1:] != first.shape[1:] for k in g):
+            raise ValueError(f"group {g} mixes dtypes or trailing shapes")
+        pos = start = align(pos)
+        for k in g:
+            s = slots[k]
+            out[k] = TensorSlot(k, s.dtype, s.shape, pos, pos + s.end - s.start)
+            pos += s.end - s.start
+        rows = sum(slots[k].shape[0] for k in g)
+        out[group_key(g)] = TensorSlot(group_key(g), first.dtype, (rows, *first.shape[1:]), start, pos)
+    for k, s in slots.items():
+        if k not in grouped:
+            pos = align(pos)
+            out[k] = TensorSlot(k, s.dtype, s.shape, pos, pos + s.end - s.start)
+            pos += s.end - s.start
+    return Header(header.data_offset, align(pos), out, header.metadata, header.prefix)
+
+
+def group_key(group: list[str]) -> str:
+    """The name of the slot spanning a group made by :func:`regroup` (not a file key)."""
+    return "+".join(group)
+
+
+def relayout(buf: torch.Tensor, src: Header, dst: Header) -> torch.Tensor:
+    """``buf`` (a data section in ``src``'s layout) copied into a new buffer in ``dst``'s layout
+    (made by :func:`regroup`; spanning slots need no bytes of their own)."""
+    out = torch.empty(dst.data_size, dtype=torch.uint8, pin_memory=buf.is_pinned())
+    for k, s in src.tensors.items():
+        d = dst.tensors[k]
+        out[d.start:d.end].copy_(buf[s.start:s.end])
+    return out
+
+
 def read_into(path: Path, header: Header, buf: torch.Tensor, *, cold: bool = False, hashers: list = ()) -> None:
     """Read the data section of a shard file into ``buf`` (CPU, uint8, pinned or not).
     ``cold`` drops the file from the page cache afterwards, so the next read comes from the disk
