@@ -22,7 +22,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         return 0
     r = bench(a.dir, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, batch=a.batch, device=a.device,
               gpu_memory=a.gpu_memory, host_memory=a.host_memory, cold_disk=a.cold_disk, decode=a.decode,
-              warmup=not a.no_warmup)
+              warmup=not a.no_warmup, fuse=False if a.no_fuse else None)
     print(format_bench(r))
     if a.json:
         write_result(a.json, r)
@@ -47,5 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="decode path: auto = CUDA graphs per layer over a static KV cache on CUDA, eager on CPU")
     s.add_argument("--no-warmup", action="store_true",
                    help="skip load()'s warm-up (diagnostics: shows what a cold first generation costs)")
+    s.add_argument("--no-fuse", action="store_true",
+                   help="one kernel per linear layer (diagnostics: by default q/k/v and gate/up of resident layers "
+                   "share one fused product at batch 1 on CUDA)")
     s.add_argument("--json", help="also write the result as JSON here")
     s.set_defaults(func=_cmd_bench)

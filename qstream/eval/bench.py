@@ -96,7 +96,7 @@ def step_figures(step_s: list[float]) -> dict:
 # one function on purpose: one fresh-process measurement whose parts must run in this order
 def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, batch: int = 1, device: str = "auto",
           gpu_memory=None, host_memory="auto", cold_disk: bool = False, seed: int = 0, decode: str = "auto",
-          warmup: bool = True) -> dict:
+          warmup: bool = True, fuse: bool | None = None) -> dict:
     """Fresh-process figures, with no hidden warm-up: load time (which includes qstream's own
     warm-up, see StreamedModel.warm_up), time to first token, the first decode steps and the
     steady state of the first generation after load; then a profiled pass for the breakdown
@@ -106,7 +106,7 @@ def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, ba
     t0 = time.perf_counter()
     model = load(path, device=device, gpu_memory=gpu_memory, host_memory=host_memory, max_batch=batch,
                  max_seq=prompt_tokens + new_tokens + 8, cold_disk=cold_disk, decode=decode,
-                 warmup=warmup)
+                 warmup=warmup, fuse=fuse)
     load_s = time.perf_counter() - t0
     try:
         vocab = model.config.vocab_size
