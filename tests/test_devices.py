@@ -58,6 +58,8 @@ def test_two_devices_give_the_logits_and_tokens_of_one(tiny, host_memory):
         assert len(a.layers) and len(b.layers) and a.layers.stop == b.layers.start
         assert a.plan.resident and a.plan.streamed and b.plan.streamed  # resident and streamed ranges mixed
         assert set(m.plan.resident) | set(m.plan.streamed) == set(range(8))
+        per = m.tier_bytes_by_device()  # bench's floor: the busiest link's share
+        assert len(per) == 2 and sum(t["host"] + t["disk"] for t in per.values()) == sum(m.tier_bytes().values()) > 0
         ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
         mask = torch.ones_like(ids)
         mask[1, :4] = 0

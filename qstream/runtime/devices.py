@@ -316,9 +316,12 @@ class MultiDeviceModel(StreamedModel):
         return self.graphs.streams if self.graphs is not None else []
 
     def tier_bytes_by_device(self) -> dict[str, dict[str, int]]:
-        return {str(d): {"host": sum(self.layer_bytes[i] for i in p.plan.host),
-                         "disk": sum(self.layer_bytes[i] for i in p.plan.disk)}
-                for d, p in zip(self.devices, self.plan.parts)}
+        names = [str(d) for d in self.devices]
+        if len(set(names)) < len(names):  # CPU "devices" repeat: number them
+            names = [f"{n}#{k}" for k, n in enumerate(names)]
+        return {n: {"host": sum(self.layer_bytes[i] for i in p.plan.host),
+                    "disk": sum(self.layer_bytes[i] for i in p.plan.disk)}
+                for n, p in zip(names, self.plan.parts)}
 
     def _home(self):
         """Run with the first device current, and leave the caller's current device as it was
