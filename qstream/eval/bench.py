@@ -162,6 +162,10 @@ def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, ba
             "decode_tokens_per_s": r.tokens_per_s,
             **steps,
             "peak_gpu_gib": None if r.peak_gpu_bytes is None else r.peak_gpu_bytes / 2**30,
+            # what each device's budget must cover: the first device since its generation began (generate_ids
+            # resets it), the others since the process started (load and warm-up included)
+            "peak_gpu_gib_by_device": {str(d): torch.cuda.max_memory_allocated(d) / 2**30
+                                       for d in model.all_devices() if d.type == "cuda"},
             "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "streamed_bytes_per_token": streamed,
             "achieved_gb_per_s": streamed / s_tok / 1e9 if streamed else None,
@@ -201,6 +205,10 @@ def format_bench(r: dict) -> str:
     ]
     if r["peak_gpu_gib"] is not None:
         rows.append(("peak GPU memory", f"{r['peak_gpu_gib']:.2f} GiB"))
+    if len(r.get("peak_gpu_gib_by_device") or {}) > 1:
+        rows.append(("peak GPU memory per device", ", ".join(f"{d} {v:.2f} GiB" for d, v in r["peak_gpu_gib_by_device"].items())))
+        rows.append(("streamed per token per device", ", ".join(f"{d} {b / 2**20:.1f} MiB"
+                                                               for d, b in r["streamed_bytes_per_device"].items())))
     if r["streamed_bytes_per_token"]:
         rows += [
             ("streamed per token", f"{r['streamed_bytes_per_token'] / 2**20:.1f} MiB, achieved {r['achieved_gb_per_s']:.1f} GB/s"),
