@@ -73,6 +73,21 @@ def test_two_devices_give_the_logits_and_tokens_of_one(tiny, host_memory):
         ref.close()
 
 
+@pytest.mark.parametrize("budgets,sizes", [(None, [4, 4]), ("first-unlimited", [8, 0])])
+def test_unlimited_budgets_split_evenly_or_leave_the_last_device_only_the_head(tiny, budgets, sizes):
+    fixed, layer = _sizes(tiny)
+    gm = None if budgets is None else [None, fixed + 2 * layer]
+    ref = qstream.load(tiny, device="cpu", max_seq=64, max_batch=2)
+    m = qstream.load(tiny, devices="cpu,cpu", gpu_memory=gm, max_seq=64, max_batch=2)
+    try:
+        assert [len(p.layers) for p in m.plan.parts] == sizes and not m.plan.streamed
+        ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(m(ids), ref(ids), rtol=1e-5, atol=1e-5)
+    finally:
+        m.close()
+        ref.close()
+
+
 def test_layer_major_over_two_devices_equals_the_plain_forward(tiny):
     m = _multi(tiny, host_memory=0)
     try:
@@ -112,6 +127,12 @@ def test_hand_over_gives_each_range_its_inputs_on_its_device_once_per_pass():
             return h
 
     layers = nn.ModuleList(Probe() for _ in range(4))
+    head = Probe()
+    hand = HandOver(layers[:3], [range(0, 3), range(3, 3)], [torch.device("cpu"), torch.device("meta")], (head,),
+                    torch.device("meta"))  # range 1 empty: the head still sits on the last device
+    head(torch.zeros(1, 3))
+    assert seen.pop()[0] == "meta"
+    hand.remove()
     hand = HandOver(layers, [range(0, 2), range(2, 4)], [torch.device("cpu"), torch.device("meta")])
     cache = object()
     mask, pe = torch.ones(1, 3), (torch.zeros(1, 3), torch.ones(1, 3))

@@ -195,7 +195,10 @@ class HandOver:
     layer); the same moved objects reaching every layer also lets the range's CUDA graphs
     copy them into their static buffers once per step."""
 
-    def __init__(self, layers: nn.ModuleList, ranges: list[range], devices: list[torch.device]):
+    def __init__(self, layers: nn.ModuleList, ranges: list[range], devices: list[torch.device],
+                 tail: tuple[nn.Module, ...] = (), tail_device: torch.device | None = None):
+        """``tail``: the modules after the layers (final norm, head), which live on ``tail_device``
+        (the last device, also when the layers all fit on earlier ones)."""
         self._handles = []
         for r, dev in zip(ranges, devices):
             memo: dict[int, tuple[Any, Any]] = {}
@@ -203,6 +206,9 @@ class HandOver:
                 h = layers[i].register_forward_pre_hook(self._hook(dev, memo, first=i == r.start), with_kwargs=True,
                                                         prepend=True)
                 self._handles.append(h)
+        for k, mod in enumerate(tail):
+            self._handles.append(mod.register_forward_pre_hook(self._hook(tail_device, {}, first=k == 0), with_kwargs=True,
+                                                               prepend=True))
 
     @staticmethod
     def _hook(dev: torch.device, memo: dict, *, first: bool):
@@ -302,10 +308,10 @@ class MultiDeviceModel(StreamedModel):
     ``device`` is the first device: inputs go there; logits come back on the last one."""
 
     def __init__(self, manifest, hf, plan: MultiPlan, layers: nn.ModuleList, *, devices: list[torch.device],
-                 ranges: list[range], **kw):
+                 ranges: list[range], tail: tuple[nn.Module, ...], **kw):
         self.devices, self.ranges = devices, ranges
         # installed before StreamedModel's warm-up runs the model
-        self.handover = HandOver(layers, ranges, devices)
+        self.handover = HandOver(layers, ranges, devices, tail, devices[-1])
         super().__init__(manifest, hf, plan, devices[0], layers=layers, **kw)
 
     def _make_graphs(self):
@@ -351,6 +357,15 @@ class MultiDeviceModel(StreamedModel):
         self.handover.remove()
         super().close()
 
+
+
+def tail_modules(hf: nn.Module, manifest) -> tuple[nn.Module, ...]:
+    """The modules that run after the decoder layers, in order: the final norm (named by
+    architecture, as StreamedModel._final_norm finds it) when there is one, and the head."""
+    base = hf.get_submodule(manifest.layers_prefix.rsplit(".", 1)[0])
+    norm = next((getattr(base, n) for n in ("norm", "final_layernorm", "ln_f", "final_layer_norm")
+                 if isinstance(getattr(base, n, None), nn.Module)), None)
+    return tuple(m for m in (norm, hf.get_output_embeddings()) if m is not None)
 
 
 # -- load ------------------------------------------------------------------------------------
@@ -412,8 +427,9 @@ def load_devices(path, *, devices, gpu_memory=None, host_memory="auto", max_batc
     log.info("%s", plan.describe())
     for d, r in zip(devs, ranges):
         if not len(r):
-            log.info("%s gets no layers: the other devices hold the model without streaming more", d)
-    last = next(d for d, r in zip(reversed(devs), reversed(ranges)) if len(r))
+            log.info("%s gets no layers (the devices before it hold them without streaming more)%s", d,
+                     "; it holds the head" if d is devs[-1] else "")
+    last = devs[-1]  # the head's device: the plan counted the head there
 
     build._buffers_to(hf, first)
     for r, d in zip(ranges, devs):
@@ -437,6 +453,7 @@ def load_devices(path, *, devices, gpu_memory=None, host_memory="auto", max_batc
         pipe.issue_on_release = True
         pipes.update({i: pipe for i in p.plan.streamed})
     pipeline = DevicePipelines(pipes) if pipes else None
-    return MultiDeviceModel(manifest, hf, plan, layers, devices=devs, ranges=ranges, compute_dtype=dtype,
+    return MultiDeviceModel(manifest, hf, plan, layers, devices=devs, ranges=ranges, tail=tail_modules(hf, manifest),
+                            compute_dtype=dtype,
                             pipeline=pipeline, bindings=bindings, stats=stats, layer_bytes=layer_bytes, kv_offload=False,
                             profile=profile, max_batch=max_batch, max_seq=max_seq, decode=decode, warmup=warmup)
