@@ -10,8 +10,11 @@
 #
 # Writes OUTDIR/log.txt (everything) and OUTDIR/bench.json (one object per bench figure, with
 # the 2-GPU / 1-GPU ratios). Synthetic nf4 shards (random codes) are written to /tmp/qs.
-# The 70B slice has 12 layers so that both GPUs still stream under 4 GiB (the 6-layer slice of
-# decode_h200.sh fits resident on two 4 GiB budgets: stage l70b6 shows that case).
+# Expected plans (runtime/plan.py arithmetic): 8B on 2 x 4 GiB holds every layer resident on cuda:0
+# with the head on cuda:1 (nothing streams: resident capacity adds up); the 70B slice has 12 layers
+# so that both GPUs still stream (cuda:0 layers 0-7, 3 resident + 5 streamed; cuda:1 layers 8-11,
+# 4 streamed): the floor is 5/12 of one GPU's. The 6-layer slice of decode_h200.sh fits resident on
+# two 4 GiB budgets: stage l70b6 shows that case.
 set -u
 OUT=${1:?usage: multi_gpu.sh OUTDIR [stages...]}
 shift

@@ -34,6 +34,30 @@ def h2d_bandwidth(*, pinned: bool, nbytes: int = 512 << 20, reps: int = 8, devic
         return nbytes * reps / (a.elapsed_time(b) / 1000)
 
 
+def h2d_bandwidth_together(devices: list[str], *, nbytes: int = 512 << 20, reps: int = 8) -> float:
+    """Pinned host -> GPU bandwidth per device, in bytes/s, while every device copies at once (the
+    links may share a PCIe switch or host memory bandwidth): the slowest device's figure."""
+    bufs = []
+    for d in devices:
+        with torch.cuda.device(torch.device(d)):
+            src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
+            bufs.append((d, src, torch.empty(nbytes, dtype=torch.uint8, device=d)))
+    for d, _, _ in bufs:
+        torch.cuda.synchronize(d)
+    events = []
+    for d, src, dst in bufs:  # queued on every device before any finishes: the copies overlap
+        with torch.cuda.device(torch.device(d)):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(reps):
+                dst.copy_(src, non_blocking=True)
+            b.record()
+            events.append((a, b))
+    for d, _, _ in bufs:
+        torch.cuda.synchronize(d)
+    return min(nbytes * reps / (a.elapsed_time(b) / 1000) for a, b in events)
+
+
 def read_bandwidth(paths: list[Path], *, cold: bool, limit: int = 4 << 30) -> float:
     """File read bandwidth in bytes/s: cold drops each file from the page cache first."""
     buf = bytearray(64 << 20)
@@ -71,6 +95,7 @@ def measure_floor(model, *, cold_disk: bool) -> tuple[dict[str, float], float, i
             bw[f"pinned_h2d_{d}"] = h2d_bandwidth(pinned=True, device=d)
             link_s.append(share["host"] / bw[f"pinned_h2d_{d}"])
         floor_s += max(link_s)
+        bw["pinned_h2d_all_at_once"] = h2d_bandwidth_together(list(shares))  # a diagnostic, not in the floor
     elif model.device.type == "cuda":
         bw["pinned_h2d"] = h2d_bandwidth(pinned=True, device=model.device)
         bw["pageable_h2d"] = h2d_bandwidth(pinned=False, device=model.device)
