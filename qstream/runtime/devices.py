@@ -202,7 +202,10 @@ class HandOver:
         self._handles = []
         for r, dev in zip(ranges, devices):
             memo: dict[int, tuple[Any, Any]] = {}
-            for i in r:
+            # the first device's range gets its inputs from the model's own code, on that device:
+            # only its first layer needs a hook (to make the device current), not a per-layer check
+            home = r.start == 0 and dev == devices[0]
+            for i in (r[:1] if home else r):
                 h = layers[i].register_forward_pre_hook(self._hook(dev, memo, first=i == r.start), with_kwargs=True,
                                                         prepend=True)
                 self._handles.append(h)
