@@ -187,3 +187,8 @@ def test_generate_cli_on_two_devices_prints_what_one_device_prints(tiny, capsys)
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out == one
+
+
+def test_a_last_device_too_small_for_the_head_is_refused_in_one_line(tiny):
+    with pytest.raises(BudgetError, match="cannot hold the head"):
+        qstream.load(tiny, devices="cpu,cpu", gpu_memory=[None, 1000], max_seq=64, max_batch=2)

@@ -33,7 +33,7 @@ from ..errors import BudgetError, QstreamError
 from .graphs import LayerGraphs
 from .model import StreamedModel
 from .pipeline import Pipeline
-from .plan import DevicePlan, TierPlan, partition_layers, plan_devices
+from .plan import DevicePlan, TierPlan, partition_layers, plan_devices, size
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,14 @@ def plan_shares(layer_bytes: list[int], *, base_fixed: int, head_bytes: int, kv_
         counts = [max(g, c) for g, c in zip(got, counts)]
     else:
         raise BudgetError("cannot place the KV cache next to the layers on these budgets; raise --gpu-memory")
-    return plan_devices(layer_bytes, fixed_bytes=fixed(counts), budgets=budgets, host_budget=host_budget,
-                        max_slots=max_slots)
+    plans = plan_devices(layer_bytes, fixed_bytes=fixed(counts), budgets=budgets, host_budget=host_budget,
+                         max_slots=max_slots)
+    last = plans[-1]
+    # a device with layers was checked by its tier plan; the last one holds the head even without layers
+    if not len(last.layers) and budgets[-1] is not None and base_fixed + head_bytes > budgets[-1]:
+        raise BudgetError(f"the last device's budget {size(budgets[-1])} cannot hold the head and working memory "
+                          f"({size(base_fixed + head_bytes)}); raise its budget (--gpu-memory A,B gives one per device)")
+    return plans
 
 
 def merge_plans(parts: list[DevicePlan], devices: list[torch.device]) -> MultiPlan:
