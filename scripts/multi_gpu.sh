@@ -6,7 +6,7 @@
 #
 #     bash scripts/multi_gpu.sh OUTDIR [stages...]
 #
-# stages: tests shards bench generate l70b6 (default: tests shards bench generate; about 5 minutes)
+# stages: tests shards bench generate l70b6 (default: tests shards bench; about 5 minutes)
 #
 # Writes OUTDIR/log.txt (everything) and OUTDIR/bench.json (one object per bench figure, with
 # the 2-GPU / 1-GPU ratios). Synthetic nf4 shards (random codes) are written to /tmp/qs.
@@ -18,7 +18,7 @@
 set -u
 OUT=${1:?usage: multi_gpu.sh OUTDIR [stages...]}
 shift
-STAGES=${*:-tests shards bench generate}
+STAGES=${*:-tests shards bench}
 mkdir -p "$OUT" /tmp/qs /tmp/qs/mjson
 rm -f /tmp/qs/mjson/*.json
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -59,6 +59,8 @@ if has shards; then
     sync
 fi
 if has bench; then
+    stamp "bad device list (expect one line, exit 2)"
+    python3 -m qstream.cli generate $L8 --devices cuda:0,cuda:0 -p hi -n 2; echo "rc=$?"
     bench l8b_1gpu_4GiB $L8 --device cuda:0 --gpu-memory 4GiB --new-tokens 64
     bench l8b_2gpu_4GiB $L8 --devices $TWO --gpu-memory 4GiB --new-tokens 64
     bench l70b12_1gpu_4GiB $L70 --device cuda:0 --gpu-memory 4GiB --new-tokens 48
@@ -72,8 +74,6 @@ if has generate; then
     stamp "generate --devices $TWO --gpu-memory 4GiB (fresh process)"
     timeout 90 python3 -m qstream.cli -v generate $L70 --devices $TWO --gpu-memory 4GiB --no-chat --max-new-tokens 16 \
         --prompt "What is the capital of France?" 2>&1 | grep -v "^INFO httpx" | tail -12
-    stamp "bad device list (expect one line, exit 2)"
-    python3 -m qstream.cli generate $L70 --devices cuda:0,cuda:0 -p hi -n 2; echo "rc=$?"
 fi
 python3 - "$OUT" <<'EOF'
 import json, pathlib, sys
