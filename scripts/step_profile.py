@@ -22,13 +22,14 @@ def main() -> None:
     ap.add_argument("--gpu-memory", default=None)
     ap.add_argument("--no-fuse", action="store_true")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--max-seq", type=int, default=128, help="KV slots reserved (qstream generate reserves 4096)")
     ap.add_argument("--json")
     a = ap.parse_args()
 
     import qstream
     from qstream.generate import SamplingConfig, generate_ids
 
-    m = qstream.load(a.dir, gpu_memory=a.gpu_memory, max_seq=128, fuse=False if a.no_fuse else None, progress=False)
+    m = qstream.load(a.dir, gpu_memory=a.gpu_memory, max_seq=a.max_seq, fuse=False if a.no_fuse else None, progress=False)
     m.set_profile(False)
     ids = torch.randint(100, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
     cfg = SamplingConfig(max_new_tokens=a.steps + 1)

@@ -128,3 +128,41 @@ def test_fused_sibling_gemv_gives_the_unfused_tokens(tmp_path, arch):
             m.close()
     assert fused_groups == {False: 0, True: 4 * 5}
     assert tokens[True] == tokens[False]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("mode", ["graph", "eager"])
+def test_two_gpus_give_the_tokens_of_one(tmp_path, mode):
+    """Layers 0-2 on cuda:0, 3-5 on cuda:1, every layer streamed (each device at its minimum
+    budget) with every copy delayed: a range that read a slot before its own device's copy
+    finished, or an activation handed over before the other device wrote it, changes the tokens."""
+    import qstream
+    from qstream.generate import SamplingConfig, generate_ids
+
+    src = make_tiny(tmp_path / "m", "llama", num_hidden_layers=6, hidden_size=256, intermediate_size=512)
+    out = shard_to(tmp_path, src, "nf4", compute_dtype="float32")
+    devices = ["cuda:0", "cuda:1"]
+    probe = qstream.load(out, devices=devices, max_seq=64, max_batch=2, warmup=False)
+    budgets = [p.plan.fixed_bytes + 2 * max(probe.layer_bytes) for p in probe.plan.parts]  # fixed + 2 slots each
+    probe.close()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    one = qstream.load(out, device="cuda:0", decode=mode, gpu_memory=_min_budget(out), max_batch=2, max_seq=64)
+    try:
+        want = generate_ids(one, ids, mask, SamplingConfig(max_new_tokens=12)).new_tokens
+    finally:
+        one.close()
+    two = qstream.load(out, devices=devices, decode=mode, gpu_memory=budgets, max_batch=2, max_seq=64)
+    try:
+        assert [tuple(p.layers) for p in two.plan.parts] == [(0, 1, 2), (3, 4, 5)]
+        assert all(len(p.plan.streamed) == 3 for p in two.plan.parts)
+        two.pipeline.copy_delay_cycles = 5_000_000
+        if mode == "graph":
+            assert two.graphs is not None and two.graphs.reason is None, two.describe_decode()
+            assert two.graphs.covered() == set(range(6))
+        for _ in range(2):
+            assert generate_ids(two, ids, mask, SamplingConfig(max_new_tokens=12)).new_tokens == want
+        assert torch.cuda.current_device() == 0  # the hand-over's device switches do not leak out
+    finally:
+        two.close()

@@ -5,7 +5,7 @@ import argparse
 
 from ..eval.bench import bench, format_bench
 from ..eval.results import check_json_target, write_result
-from .common import COMMON, add_runtime_args, verify_first
+from .common import COMMON, add_runtime_args, devices_arg, verify_first
 from .spec import add_spec_args, format_spec_bench, spec_bench, spec_config
 
 
@@ -22,7 +22,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         return 0
     r = bench(a.dir, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, batch=a.batch, device=a.device,
               gpu_memory=a.gpu_memory, host_memory=a.host_memory, cold_disk=a.cold_disk, decode=a.decode,
-              warmup=not a.no_warmup, fuse=False if a.no_fuse else None)
+              warmup=not a.no_warmup, fuse=False if a.no_fuse else None, devices=devices_arg(a))
     print(format_bench(r))
     if a.json:
         write_result(a.json, r)

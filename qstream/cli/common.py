@@ -33,6 +33,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, help="block (group) size for --scheme (default: the scheme's)")
     p.set_defaults(needs_shards=True)  # main() resolves SOURCE to a shard directory before the command runs
     p.add_argument("--device", default="auto", help=RUNTIME_HELP)
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="several GPUs of one host, e.g. cuda:0,cuda:1: each holds and streams a contiguous share of the "
+                   "layers over its own link (--gpu-memory is then per device, or a list such as 4GiB,8GiB)")
     p.add_argument("--gpu-memory", default=None, metavar="SIZE",
                    help="device memory budget, e.g. 4GiB (default: unlimited; layers that do not fit are streamed)")
     p.add_argument("--host-memory", default="auto", metavar="SIZE",
@@ -55,9 +58,17 @@ def resolve_dir(a: argparse.Namespace) -> None:
 def open_model(a: argparse.Namespace, *, max_batch: int = 1, max_seq: int | None = None, **kw):
     """``load()`` with the command's runtime options."""
     model = load(a.dir, device=a.device, gpu_memory=a.gpu_memory, host_memory=a.host_memory, max_batch=max_batch,
-                 max_seq=max_seq, progress=progress(a), verify=getattr(a, "verify", False), **kw)
+                 max_seq=max_seq, progress=progress(a), verify=getattr(a, "verify", False), devices=devices_arg(a), **kw)
     note_host_memory(a, model)
     return model
+
+
+def devices_arg(a: argparse.Namespace) -> str | None:
+    """--devices for load(); refused next to an explicit --device (which one would win is a guess)."""
+    devices = getattr(a, "devices", None)
+    if devices is not None and getattr(a, "device", "auto") not in ("auto", None):
+        raise QstreamError(f"give either --device {a.device} or --devices {devices}, not both")
+    return devices
 
 
 def note_host_memory(a: argparse.Namespace, model) -> None:
@@ -101,7 +112,7 @@ def check_text(value: str, what: str) -> str:
 
 def run_facts(a: argparse.Namespace, model) -> dict:
     """How a model was run, for result files."""
-    return {"device": str(model.device), "gpu_memory": a.gpu_memory, "host_memory": a.host_memory,
+    return {"device": ",".join(str(d) for d in model.all_devices()), "gpu_memory": a.gpu_memory, "host_memory": a.host_memory,
             "plan": model.plan.describe()}
 
 

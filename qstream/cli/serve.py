@@ -20,6 +20,8 @@ def _server():
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
+    if a.devices is not None:
+        raise QstreamError("qstream serve runs on one device; --devices works with generate, chat, bench and eval")
     server = _server()
     cfg = server.ServeConfig(path=a.dir, host=a.host, port=a.port, device=a.device, gpu_memory=a.gpu_memory,
                       host_memory=a.host_memory, max_batch=a.max_batch, max_queue=a.max_queue, api_key=a.api_key,

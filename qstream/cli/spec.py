@@ -13,7 +13,7 @@ from ..resolve import resolve_source
 from ..runtime.build import load
 from ..speculate import SpecConfig, SpecResult, speculative_generate
 from ..store.manifest import read_manifest
-from .common import open_model, progress
+from .common import devices_arg, open_model, progress
 
 DEFAULT_DRAFT_SCHEME = "nf4"
 # a natural prompt for `bench --speculate`: random token ids (what plain bench decodes) are
@@ -142,7 +142,7 @@ def spec_bench(a: argparse.Namespace, spec: SpecConfig, *, new_tokens: int, prom
     n = len(tok(prompt)["input_ids"]) + new_tokens + 64  # + the chat template's tokens
     room_t, room_d = kv_rooms(n, spec)
     target = load(a.dir, device=a.device, gpu_memory=a.gpu_memory, host_memory=a.host_memory, max_seq=room_t,
-                  progress=progress(a), **target_load_kwargs(spec))
+                  progress=progress(a), devices=devices_arg(a), **target_load_kwargs(spec))
     try:
         draft = open_draft(a, max_seq=room_d)
         try:

@@ -17,20 +17,45 @@ from ..runtime.build import load
 from .results import machine
 
 
-def h2d_bandwidth(*, pinned: bool, nbytes: int = 512 << 20, reps: int = 8) -> float:
+def h2d_bandwidth(*, pinned: bool, nbytes: int = 512 << 20, reps: int = 8, device: str | torch.device = "cuda") -> float:
     """Host -> GPU copy bandwidth in bytes/s (one large copy at a time, like a layer)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-    src.fill_(1)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=pinned)
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
+    with torch.cuda.device(torch.device(device)):
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        src.fill_(1)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
         dst.copy_(src, non_blocking=pinned)
-    b.record()
-    torch.cuda.synchronize()
-    return nbytes * reps / (a.elapsed_time(b) / 1000)
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            dst.copy_(src, non_blocking=pinned)
+        b.record()
+        torch.cuda.synchronize()
+        return nbytes * reps / (a.elapsed_time(b) / 1000)
+
+
+def h2d_bandwidth_together(devices: list[str], *, nbytes: int = 512 << 20, reps: int = 8) -> float:
+    """Pinned host -> GPU bandwidth per device, in bytes/s, while every device copies at once (the
+    links may share a PCIe switch or host memory bandwidth): the slowest device's figure."""
+    bufs = []
+    for d in devices:
+        with torch.cuda.device(torch.device(d)):
+            src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
+            bufs.append((d, src, torch.empty(nbytes, dtype=torch.uint8, device=d)))
+    for d, _, _ in bufs:
+        torch.cuda.synchronize(d)
+    events = []
+    for d, src, dst in bufs:  # queued on every device before any finishes: the copies overlap
+        with torch.cuda.device(torch.device(d)):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(reps):
+                dst.copy_(src, non_blocking=True)
+            b.record()
+            events.append((a, b))
+    for d, _, _ in bufs:
+        torch.cuda.synchronize(d)
+    return min(nbytes * reps / (a.elapsed_time(b) / 1000) for a, b in events)
 
 
 def read_bandwidth(paths: list[Path], *, cold: bool, limit: int = 4 << 30) -> float:
@@ -61,9 +86,19 @@ def measure_floor(model, *, cold_disk: bool) -> tuple[dict[str, float], float, i
     tiers = model.tier_bytes()
     bw: dict[str, float] = {}
     floor_s = 0.0
-    if model.device.type == "cuda":
-        bw["pinned_h2d"] = h2d_bandwidth(pinned=True)
-        bw["pageable_h2d"] = h2d_bandwidth(pinned=False)
+    shares = model.tier_bytes_by_device()
+    if model.device.type == "cuda" and len(shares) > 1:
+        # several devices stream their host-tier shares in parallel, each over its own link: the
+        # floor is the busiest link's bytes over that link's bandwidth, each measured now
+        link_s = []
+        for d, share in shares.items():
+            bw[f"pinned_h2d_{d}"] = h2d_bandwidth(pinned=True, device=d)
+            link_s.append(share["host"] / bw[f"pinned_h2d_{d}"])
+        floor_s += max(link_s)
+        bw["pinned_h2d_all_at_once"] = h2d_bandwidth_together(list(shares))  # a diagnostic, not in the floor
+    elif model.device.type == "cuda":
+        bw["pinned_h2d"] = h2d_bandwidth(pinned=True, device=model.device)
+        bw["pageable_h2d"] = h2d_bandwidth(pinned=False, device=model.device)
         if tiers["host"]:
             floor_s += tiers["host"] / bw["pinned_h2d"]
     if tiers["disk"]:
@@ -96,7 +131,7 @@ def step_figures(step_s: list[float]) -> dict:
 # one function on purpose: one fresh-process measurement whose parts must run in this order
 def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, batch: int = 1, device: str = "auto",
           gpu_memory=None, host_memory="auto", cold_disk: bool = False, seed: int = 0, decode: str = "auto",
-          warmup: bool = True, fuse: bool | None = None) -> dict:
+          warmup: bool = True, fuse: bool | None = None, devices: str | list | None = None) -> dict:
     """Fresh-process figures, with no hidden warm-up: load time (which includes qstream's own
     warm-up, see StreamedModel.warm_up), time to first token, the first decode steps and the
     steady state of the first generation after load; then a profiled pass for the breakdown
@@ -106,7 +141,7 @@ def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, ba
     t0 = time.perf_counter()
     model = load(path, device=device, gpu_memory=gpu_memory, host_memory=host_memory, max_batch=batch,
                  max_seq=prompt_tokens + new_tokens + 8, cold_disk=cold_disk, decode=decode,
-                 warmup=warmup, fuse=fuse)
+                 warmup=warmup, fuse=fuse, devices=devices)
     load_s = time.perf_counter() - t0
     try:
         vocab = model.config.vocab_size
@@ -133,7 +168,8 @@ def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, ba
             "shards": str(path),
             "recipe": model.manifest.recipe,
             "machine": machine(),
-            "device": str(model.device),
+            "device": ",".join(str(d) for d in model.all_devices()),
+            "streamed_bytes_per_device": {d: t["host"] + t["disk"] for d, t in model.tier_bytes_by_device().items()},
             "gpu_memory": gpu_memory,
             "host_memory": host_memory,
             "cold_disk": cold_disk,
@@ -151,6 +187,10 @@ def bench(path: str | Path, *, prompt_tokens: int = 64, new_tokens: int = 32, ba
             "decode_tokens_per_s": r.tokens_per_s,
             **steps,
             "peak_gpu_gib": None if r.peak_gpu_bytes is None else r.peak_gpu_bytes / 2**30,
+            # what each device's budget must cover: the first device since its generation began (generate_ids
+            # resets it), the others since the process started (load and warm-up included)
+            "peak_gpu_gib_by_device": {str(d): torch.cuda.max_memory_allocated(d) / 2**30
+                                       for d in model.all_devices() if d.type == "cuda"},
             "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "streamed_bytes_per_token": streamed,
             "achieved_gb_per_s": streamed / s_tok / 1e9 if streamed else None,
@@ -190,6 +230,10 @@ def format_bench(r: dict) -> str:
     ]
     if r["peak_gpu_gib"] is not None:
         rows.append(("peak GPU memory", f"{r['peak_gpu_gib']:.2f} GiB"))
+    if len(r.get("peak_gpu_gib_by_device") or {}) > 1:
+        rows.append(("peak GPU memory per device", ", ".join(f"{d} {v:.2f} GiB" for d, v in r["peak_gpu_gib_by_device"].items())))
+        rows.append(("streamed per token per device", ", ".join(f"{d} {b / 2**20:.1f} MiB"
+                                                               for d, b in r["streamed_bytes_per_device"].items())))
     if r["streamed_bytes_per_token"]:
         rows += [
             ("streamed per token", f"{r['streamed_bytes_per_token'] / 2**20:.1f} MiB, achieved {r['achieved_gb_per_s']:.1f} GB/s"),

@@ -179,7 +179,8 @@ def _read_tiers(manifest: Manifest, entries: list[FileEntry], headers: list, pla
 def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_memory: str | int | None = None,
          host_memory: str | int | None = "auto", max_batch: int = 1, max_seq: int | None = None, prefill_chunk: int = 512,
          max_slots: int = 4, profile: bool = True, verify: bool = False, cold_disk: bool = False,
-         progress: bool = True, decode: str = "auto", warmup: bool = True, fuse: bool | None = None) -> StreamedModel:
+         progress: bool = True, decode: str = "auto", warmup: bool = True, fuse: bool | None = None,
+         devices: list[str] | str | None = None) -> StreamedModel:
     """Open a shard directory for inference.
 
     gpu_memory: budget on the compute device ("4GiB"; None = unlimited) covering weights,
@@ -195,7 +196,18 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
         first real steps run at full speed and the cost shows up as load time.
     fuse: one matrix-vector product for q/k/v and for gate/up of resident layers at batch 1
         (None = on CUDA, where a fused single-row kernel exists; see runtime/fuse.py).
+    devices: several devices of one host ("cuda:0,cuda:1" or a list), each holding and streaming
+        a contiguous share of the layers (runtime/devices.py); ``gpu_memory`` is then the budget
+        of each device, or a list of one per device. ``device`` must be left at "auto".
     """
+    if devices is not None:
+        from .devices import load_devices  # devices.py builds on this module's helpers: imported here, not in a cycle
+
+        if device not in ("auto", None):
+            raise QstreamError("give either device or devices, not both")
+        return load_devices(path, devices=devices, gpu_memory=gpu_memory, host_memory=host_memory, max_batch=max_batch,
+                            max_seq=max_seq, prefill_chunk=prefill_chunk, max_slots=max_slots, profile=profile,
+                            verify=verify, cold_disk=cold_disk, progress=progress, decode=decode, warmup=warmup, fuse=fuse)
     dev = resolve_device(device)
     manifest = read_manifest(path)
     if verify:

@@ -4,10 +4,10 @@ come from qstream shards under a device memory budget. Made by
 pipeline.py."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -80,11 +80,18 @@ class StreamedModel:
         self.decode_mode, self.decode_note = self._decode_mode(decode)
         log.info("decode: %s", self.decode_note)
         if self.decode_mode == "graph":
-            self.graphs = LayerGraphs(layers, streamed=set(plan.streamed), device=device,
-                                      slot_of=pipeline.slot_of if pipeline is not None else None)
+            self.graphs = self._make_graphs()
             self.hooks.set_runs(self.graphs.seg_end)  # profile timers per replayed run, not per layer
         if warmup and device.type == "cuda":
             self.warm_up()
+
+    def _make_graphs(self):
+        return LayerGraphs(self.layers, streamed=set(self.plan.streamed), device=self.device,
+                           slot_of=self.pipeline.slot_of if self.pipeline is not None else None)
+
+    def _graph_streams(self) -> list:
+        """The side streams graphs are captured on (one per device)."""
+        return [self.graphs.stream] if self.graphs is not None else []
 
     def _decode_mode(self, decode: str) -> tuple[str, str]:
         """The decode path this model will use, and a line saying why (shown by -v)."""
@@ -121,6 +128,13 @@ class StreamedModel:
         """Bytes each tier moves per pass over the weights: host (pinned RAM) and disk."""
         return {"host": sum(self.layer_bytes[i] for i in self.plan.host),
                 "disk": sum(self.layer_bytes[i] for i in self.plan.disk)}
+
+    def tier_bytes_by_device(self) -> dict[str, dict[str, int]]:
+        """tier_bytes() of each device's share (one device here; several in MultiDeviceModel)."""
+        return {str(self.device): self.tier_bytes()}
+
+    def all_devices(self) -> list[torch.device]:
+        return [self.device]
 
     def layer_paths(self, layers) -> list[Path]:
         files = self.manifest.layer_files()
@@ -274,30 +288,33 @@ class StreamedModel:
         it can land in: lcm(streamed, slots) / streamed steps visit them all). Called by
         load(), so its time counts as load time. Returns the seconds it took."""
         t = time.perf_counter()
-        n = len(self.plan.streamed)
-        slots = self.pipeline.nslots if self.pipeline is not None else 1
-        cycle = math.lcm(n, slots) // n if n else 1
+        cycle = self.pipeline.cycle_steps() if self.pipeline is not None else 1
         steps = steps or cycle + 2  # captures of every (layer, slot) key, then replays only
         vocab = self.config.vocab_size
         ids = torch.arange(prompt_tokens).remainder(vocab).repeat(self.max_batch, 1)
         was = self.profile
         self.set_profile(False)
         try:
-            side = self.graphs.stream if self.graphs is not None else None
-            if side is not None:
-                # the eager warm-up step runs on the stream graphs are captured on, so that
+            sides = [s for s in self._graph_streams() if s is not None]
+            if sides:
+                # the eager warm-up step runs on the streams graphs are captured on, so that
                 # per-stream state (cuBLAS workspaces) exists before any capture
-                side.wait_stream(torch.cuda.current_stream(self.device))
+                for side in sides:
+                    side.wait_stream(torch.cuda.current_stream(side.device))
                 self.graphs.enabled = False
                 try:
-                    with torch.cuda.stream(side):
+                    with contextlib.ExitStack() as on_sides:
+                        for side in sides:
+                            on_sides.enter_context(torch.cuda.stream(side))
                         generate_ids(self, ids, torch.ones_like(ids), SamplingConfig(max_new_tokens=2))
                 finally:
                     self.graphs.enabled = True
-                torch.cuda.current_stream(self.device).wait_stream(side)
+                for side in sides:
+                    torch.cuda.current_stream(side.device).wait_stream(side)
             generate_ids(self, ids, torch.ones_like(ids), SamplingConfig(max_new_tokens=steps))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            for d in self.all_devices():
+                if d.type == "cuda":
+                    torch.cuda.synchronize(d)
         finally:
             self.set_profile(was)
             self.reset_timing()

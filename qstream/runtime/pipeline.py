@@ -11,6 +11,7 @@ so the host thread never waits for the GPU. Buffers are allocated once.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -128,6 +129,10 @@ class Pipeline:
         self.issued = 0  # global index of the next item to load
         self.consumed = 0  # global index of the item compute needs next
         self._held: dict[int, tuple[int, object]] = {}
+        # several devices: issue the copy into a slot when the slot is released rather than at the
+        # next acquire, so this device's link keeps moving while other devices compute (disk
+        # layers wait for the next acquire: fetching them would block the host thread)
+        self.issue_on_release = False
         # tests only: spin the copy stream this many GPU cycles before each copy, so that a
         # consumer that does not wait for the copy reads stale data and fails
         self.copy_delay_cycles = 0
@@ -228,6 +233,12 @@ class Pipeline:
         self.consumed = g + 1
         return v
 
+    def cycle_steps(self) -> int:
+        """Passes after which every streamed layer has been in every staging slot (CUDA graphs are
+        captured per (layer, slot))."""
+        n = len(self.order)
+        return math.lcm(n, self.nslots) // n if self.cuda else 1
+
     def slot_of(self, layer: int) -> int:
         """The staging slot an acquired layer is in (CUDA): its tensors' addresses, which a
         CUDA graph of the layer bakes in."""
@@ -239,6 +250,10 @@ class Pipeline:
             k = g % self.nslots
             self.free_ev[k].record(torch.cuda.current_stream(self.device))
             self.slot_free[k] = self.free_ev[k]
+            nxt = g + self.nslots  # the item that lands in this slot next
+            if self.issue_on_release and self.issued == nxt and self._layer(nxt) not in self.disk:
+                self._issue(nxt)
+                self.issued += 1
         elif d is not None:
             self.reader.put(d)
 

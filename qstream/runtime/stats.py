@@ -63,6 +63,7 @@ class Stats:
         if self._pending:
             torch.cuda.synchronize()
             for kind, a, b in self._pending:
+                b.synchronize()  # events of other devices (several GPUs): a no-op for a finished one
                 setattr(self, kind, getattr(self, kind) + a.elapsed_time(b) / 1000)
             self._pending.clear()
 
