@@ -130,19 +130,26 @@ def test_fused_sibling_gemv_gives_the_unfused_tokens(tmp_path, arch):
     assert tokens[True] == tokens[False]
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("devices", [
+    pytest.param(["cuda:0", "cuda:1"], marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")),
+    ["cuda:0", "cuda:0"],  # two ranges on one GPU: the whole multi-device path but the peer copy
+])
 @pytest.mark.parametrize("mode", ["graph", "eager"])
-def test_two_gpus_give_the_tokens_of_one(tmp_path, mode):
-    """Layers 0-2 on cuda:0, 3-5 on cuda:1, every layer streamed (each device at its minimum
-    budget) with every copy delayed: a range that read a slot before its own device's copy
-    finished, or an activation handed over before the other device wrote it, changes the tokens."""
+def test_two_gpus_give_the_tokens_of_one(tmp_path, mode, devices):
+    """Layers 0-2 on the first device, 3-5 on the second, every layer streamed (each device at
+    its minimum budget) with every copy delayed: a range that read a slot before its own
+    device's copy finished, or an activation handed over before the other device wrote it,
+    changes the tokens."""
     import qstream
     from qstream.generate import SamplingConfig, generate_ids
+    from qstream.runtime.devices import load_devices
+
+    def load(**kw):
+        return load_devices(out, devices=devices, allow_repeat=True, **kw)
 
     src = make_tiny(tmp_path / "m", "llama", num_hidden_layers=6, hidden_size=256, intermediate_size=512)
     out = shard_to(tmp_path, src, "nf4", compute_dtype="float32")
-    devices = ["cuda:0", "cuda:1"]
-    probe = qstream.load(out, devices=devices, max_seq=64, max_batch=2, warmup=False)
+    probe = load(max_seq=64, max_batch=2, warmup=False)
     budgets = [p.plan.fixed_bytes + 2 * max(probe.layer_bytes) for p in probe.plan.parts]  # fixed + 2 slots each
     probe.close()
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -153,7 +160,7 @@ def test_two_gpus_give_the_tokens_of_one(tmp_path, mode):
         want = generate_ids(one, ids, mask, SamplingConfig(max_new_tokens=12)).new_tokens
     finally:
         one.close()
-    two = qstream.load(out, devices=devices, decode=mode, gpu_memory=budgets, max_batch=2, max_seq=64)
+    two = load(decode=mode, gpu_memory=budgets, max_batch=2, max_seq=64)
     try:
         assert [tuple(p.layers) for p in two.plan.parts] == [(0, 1, 2), (3, 4, 5)]
         assert all(len(p.plan.streamed) == 3 for p in two.plan.parts)

@@ -49,10 +49,11 @@ log = logging.getLogger(__name__)
 
 
 # -- arguments ---------------------------------------------------------------------------
-def parse_devices(devices: str | list | tuple) -> list[torch.device]:
+def parse_devices(devices: str | list | tuple, *, allow_repeat: bool = False) -> list[torch.device]:
     """'cuda:0,cuda:1' or a list -> devices. One type for all; a CUDA device at most once (two
-    shares on one GPU would share its link: nothing to gain). CPU may repeat (tests exercise the
-    per-range machinery with ["cpu", "cpu"])."""
+    shares on one GPU would share its link: nothing to gain) unless ``allow_repeat`` (a
+    diagnostic: the whole multi-device path, peer hand-over aside, on a machine with one GPU).
+    CPU may repeat (tests exercise the per-range machinery with ["cpu", "cpu"])."""
     items = [s.strip() for s in devices.split(",")] if isinstance(devices, str) else [str(d).strip() for d in devices]
     if not items or any(not s for s in items):
         raise QstreamError(f"--devices {devices!r}: give a comma-separated list such as cuda:0,cuda:1")
@@ -74,7 +75,7 @@ def parse_devices(devices: str | list | tuple) -> list[torch.device]:
     if len({d.type for d in out}) > 1:
         raise QstreamError(f"--devices {devices!r} mixes CPU and CUDA; give CUDA devices only (or CPU only)")
     cuda = [d for d in out if d.type == "cuda"]
-    if len(set(cuda)) != len(cuda):
+    if len(set(cuda)) != len(cuda) and not allow_repeat:
         raise QstreamError(f"--devices {devices!r} names a GPU twice; each GPU takes one share of the layers")
     return out
 
@@ -392,11 +393,12 @@ def tail_modules(hf: nn.Module, manifest) -> tuple[nn.Module, ...]:
 def load_devices(path, *, devices, gpu_memory=None, host_memory="auto", max_batch: int = 1, max_seq: int | None = None,
                  prefill_chunk: int = 512, max_slots: int = 4, profile: bool = True, verify: bool = False,
                  cold_disk: bool = False, progress: bool = True, decode: str = "auto",
-                 warmup: bool = True, fuse: bool | None = None) -> MultiDeviceModel:
+                 warmup: bool = True, fuse: bool | None = None, allow_repeat: bool = False) -> MultiDeviceModel:
     """``load(path, devices=[...])``: the arguments of :func:`qstream.runtime.build.load`, with
-    ``gpu_memory`` a budget for each device or a list of one per device."""
+    ``gpu_memory`` a budget for each device or a list of one per device. ``allow_repeat``: see
+    :func:`parse_devices` (not offered by ``load()`` or the CLI)."""
 
-    devs = parse_devices(devices)
+    devs = parse_devices(devices, allow_repeat=allow_repeat)
     budgets = [parse_bytes(b, what="gpu_memory") for b in parse_budgets(gpu_memory, len(devs))]
     first, cuda = devs[0], devs[0].type == "cuda"
     manifest = read_manifest(path)
