@@ -1,0 +1,251 @@
+"""Fused dequantize + matrix-vector product for batch-1 decode, in Triton (issues 12 and 13).
+
+At batch 1 a linear layer is a GEMV: every weight byte is read once and used for a single
+multiply-add, so the cost is the bytes read. Dequantizing to a dense weight first (affine_triton)
+writes and re-reads 2 bytes per weight, 4.5x the bytes of a q4 code. These kernels read the packed
+codes and their group's grid once and never materialise the weight.
+
+One program computes BN output rows for all (up to 8) input rows, walking K in tiles of BK columns:
+
+* Codes are loaded as int32 words (a word holds 32/W codes of a W-bit field; the bitpack layout
+  puts code i of a field at bit W * (i % (32/W)) of word i // (32/W), see _affine_gemv): 16-byte
+  vector loads instead of byte loads. Every row and section start is 4-byte aligned because the
+  padded row length is a multiple of the group size (>= 32 codes).
+* The tile is shaped [rows, groups in tile, words per group] from the start, so the per-group
+  reduction needs no reshape (a layout shuffle through shared memory on the GPU).
+* Affine grid, per group:  sum_k (c_k*s + m) x_k = s * sum_k c_k x_k + m * sum_k x_k. The inner
+  loop is shift, mask, convert, multiply-add per code; scale and min are applied once per group.
+  A two-field code c = a + 2**WA * b splits the same way: the fields are summed separately.
+* fp32 accumulation; the output (and bias) in x's dtype.
+
+No split-K: a split needs a zeroed fp32 buffer and a final cast, two more launches per linear
+(~2 us each inside a CUDA graph, ~1 ms over the 224 linears of an 8B step). Small outputs use
+fewer rows per program instead, so every shape still launches >= ~4 programs per SM.
+
+The layouts: :mod:`.bitpack` for q2..q8 (fields low bits first, each packed on its own, first code
+in the lowest bits); bitsandbytes for nf4/fp4 (two codes a byte, the FIRST code in the HIGH nibble,
+one float32 absmax per block; qstream stores no double quantization: compress_statistics=False).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .bitpack import fields
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: callers fall back to dequantize + matmul
+    triton = None
+
+# Most input rows a launch handles: the codes are decoded once and reused for every row; past a few
+# rows the dense matmul on a dequantized weight wins (it is compute-, not decode-, bound).
+MAX_ROWS = 8
+# TRITON_INTERPRET=1 runs the kernels on CPU tensors (tests without a GPU).
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# nf4/fp4: "bnb" (bitsandbytes' kernel) or "triton" (ours). bnb stays the default until a GPU
+# benchmark (scripts/gemv_bench.py) shows ours faster; QSTREAM_NF4_GEMV=triton selects ours.
+NF4_KERNEL = os.environ.get("QSTREAM_NF4_GEMV", "bnb")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch shape: BN output rows x BK columns per loop step, Triton warps and pipeline stages."""
+
+    bn: int
+    bk: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(n: int, k: int, bits: int, group: int) -> Config:
+    """A fixed table for Hopper (H100/H200, 132 SMs): no autotuning, so the first call inside a CUDA
+    graph capture launches a kernel instead of benchmarking candidates.
+
+    BN: the largest of 8/4/2/1 that still gives >= 512 programs (~4 per SM: enough resident warps to
+    keep ~40 KB of loads in flight per SM, which HBM3e needs to reach its bandwidth). BK: about 2 KB of
+    codes per tile (16 bytes per thread with 4 warps), at least one group. Re-tune with
+    ``scripts/gemv_bench.py --sweep``."""
+    bn = next((b for b in (8, 4, 2) if triton_cdiv(n, b) >= 512), 1)
+    bk = 2048 * 8 // max(bits, 1) // bn  # codes per row per tile for ~2 KB of packed codes per tile
+    bk = max(group, min(bk, 1024, _pow2_floor(max(k, group))))
+    return Config(bn=bn, bk=bk)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (v.bit_length() - 1)
+
+
+def _pow2_ceil(v: int) -> int:
+    return 1 << (v - 1).bit_length()
+
+
+def available(x: torch.Tensor) -> bool:
+    """True when a fused kernel can run on x's device (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    return triton is not None and (x.is_cuda or _INTERPRET)
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor | None:
+    """x [..., k] as a contiguous [M, k] with M <= MAX_ROWS, or None when the fused path does not apply."""
+    if x.shape[-1] != k or x.dtype not in _DTYPES or x.numel() == 0 or x.numel() // k > MAX_ROWS:
+        return None
+    return x.reshape(-1, k).contiguous()
+
+
+def _words(t: torch.Tensor) -> torch.Tensor | None:
+    """uint8 codes viewed as int32 words; None when the storage is not 4-byte aligned (a bound slice)."""
+    t = t.reshape(-1)
+    if t.numel() % 4 or t.data_ptr() % 4 or not t.is_contiguous():
+        return None
+    return t.view(torch.int32)
+
+
+if triton is not None:
+    @triton.jit
+    def _field_dot(w_ptr, x_ptr, rm, rn, g, M, N, K, groups, stride_xm,
+                   W: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr):
+        """sum over each group of the tile of code_field * x: [BM, BN, NG] (fp32)."""
+        PER: tl.constexpr = 32 // W  # codes per int32 word
+        GW: tl.constexpr = GROUP // PER  # words per group
+        words_row = groups * GW
+        wi = tl.arange(0, GW)
+        # [BN, NG, GW] word offsets: row, then group, then word within the group
+        off = rn[:, None, None] * words_row + g[None, :, None] * GW + wi[None, None, :]
+        ok = (rn[:, None, None] < N) & (g[None, :, None] < groups)
+        words = tl.load(w_ptr + off, mask=ok, other=0)
+        part = tl.zeros([BM, BN, NG, GW], dtype=tl.float32)
+        # column of code t of word j: (g * GW + j) * PER + t, as [BM, 1, NG, GW]
+        col0 = (g[None, :, None] * GW + wi[None, None, :]) * PER
+        xrow = rm[:, None, None] * stride_xm
+        for t in tl.static_range(PER):
+            c = ((words >> (t * W)) & ((1 << W) - 1)).to(tl.float32)
+            col = col0 + t
+            xv = tl.load(x_ptr + xrow + col, mask=(rm[:, None, None] < M) & (col < K), other=0.0).to(tl.float32)
+            part += c[None, :, :, :] * xv[:, None, :, :]
+        return tl.sum(part, axis=3)
+
+    @triton.jit
+    def _affine_gemv(x_ptr, w_ptr, scale_ptr, low_ptr, bias_ptr, out_ptr, M, N, K, groups, off_b, stride_xm,
+                     stride_om, WA: tl.constexpr, WB: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr):
+        NG: tl.constexpr = BK // GROUP
+        pid = tl.program_id(0)
+        rm = tl.arange(0, BM)
+        rn = pid * BN + tl.arange(0, BN)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        gi = tl.arange(0, NG)
+        xi = tl.arange(0, GROUP)
+        for g0 in range(0, groups, NG):
+            g = g0 + gi
+            dot = _field_dot(w_ptr, x_ptr, rm, rn, g, M, N, K, groups, stride_xm, WA, GROUP, BM, BN, NG)
+            if WB > 0:  # the second field starts off_b words in and carries the code's high bits
+                dot += _field_dot(w_ptr + off_b, x_ptr, rm, rn, g, M, N, K, groups, stride_xm, WB, GROUP, BM, BN,
+                                  NG) * (1 << WA)
+            # sum of x over each group: [BM, NG]; padded columns (col >= K) read as 0
+            col = g[None, :, None] * GROUP + xi[None, None, :]
+            xt = tl.load(x_ptr + rm[:, None, None] * stride_xm + col,
+                         mask=(rm[:, None, None] < M) & (col < K), other=0.0).to(tl.float32)
+            xs = tl.sum(xt, axis=2)
+            goff = rn[:, None] * groups + g[None, :]
+            gok = (rn[:, None] < N) & (g[None, :] < groups)
+            s = tl.load(scale_ptr + goff, mask=gok, other=0.0).to(tl.float32)
+            lo = tl.load(low_ptr + goff, mask=gok, other=0.0).to(tl.float32)
+            acc += tl.sum(dot * s[None, :, :] + xs[:, None, :] * lo[None, :, :], axis=2)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit
+    def _nf4_gemv(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                  BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr):
+        NB: tl.constexpr = BK // BS  # absmax blocks per tile
+        GW: tl.constexpr = BS // 8  # int32 words per block (8 codes a word)
+        pid = tl.program_id(0)
+        rm = tl.arange(0, BM)
+        rn = pid * BN + tl.arange(0, BN)
+        blocks = K // BS  # per row: K % BS == 0, checked by the caller
+        words_row = blocks * GW
+        wi = tl.arange(0, GW)
+        bi = tl.arange(0, NB)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        xrow = rm[:, None, None] * stride_xm
+        for b0 in range(0, blocks, NB):
+            b = b0 + bi
+            off = rn[:, None, None] * words_row + b[None, :, None] * GW + wi[None, None, :]
+            ok = (rn[:, None, None] < N) & (b[None, :, None] < blocks)
+            words = tl.load(w_ptr + off, mask=ok, other=0)
+            part = tl.zeros([BM, BN, NB, GW], dtype=tl.float32)
+            col0 = (b[None, :, None] * GW + wi[None, None, :]) * 8
+            for t in tl.static_range(8):
+                # little-endian word: code t sits in byte t // 2, the even code in its high nibble
+                c = (words >> (8 * (t // 2) + 4 * (1 - t % 2))) & 15
+                v = tl.load(lut_ptr + c)  # 16 floats: stays in L1
+                col = col0 + t
+                xv = tl.load(x_ptr + xrow + col, mask=(rm[:, None, None] < M) & (col < K), other=0.0).to(tl.float32)
+                part += v[None, :, :, :] * xv[:, None, :, :]
+            dot = tl.sum(part, axis=3)
+            aoff = rn[:, None] * blocks + b[None, :]
+            am = tl.load(absmax_ptr + aoff, mask=(rn[:, None] < N) & (b[None, :] < blocks), other=0.0)
+            acc += tl.sum(dot * am[None, :, :], axis=2)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def affine_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, *, bits: int,
+                group: int, shape, bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor | None:
+    """x [..., in] (at most MAX_ROWS rows) @ W.T for W [out, in] stored as affine.py stores it (bitpack codes
+    of rows padded to whole groups, float16 scale and min [out, groups]). None when the fused kernel does not
+    apply (no Triton, too many rows, misaligned storage); the caller then dequantizes."""
+    n, k = shape
+    rows, groups = scale.shape
+    x2 = _rows(x, k)
+    w = _words(packed)
+    if x2 is None or w is None or rows != n or groups * group < k:
+        return None
+    padded = groups * group
+    if n * padded >= 2**31:  # int32 offsets in the kernel
+        return None
+    (wa, _), *rest = fields(bits)
+    wb = rest[0][0] if rest else 0
+    m = x2.shape[0]
+    cfg = config or default_config(n, k, bits, group)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton_cdiv(n, cfg.bn),)
+    _affine_gemv[grid](x2, w, scale, low, bias if bias is not None else out, out, m, n, k, groups,
+                       n * padded * wa // 32, x2.stride(0), out.stride(0), WA=wa, WB=wb, GROUP=group,
+                       BM=_pow2_ceil(m), BN=cfg.bn, BK=max(cfg.bk, group), HAS_BIAS=bias is not None,
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out.view(*x.shape[:-1], n)
+
+
+def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, *, block: int, shape,
+             bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor | None:
+    """x [..., in] @ W.T for W [out, in] in bitsandbytes' 4-bit layout (nf4 or fp4: ``lut`` is the 16-value
+    code table, ``absmax`` float32 per block of ``block`` flat elements). None when it does not apply
+    (rows not a whole number of blocks, too many rows, misaligned storage)."""
+    n, k = shape
+    x2 = _rows(x, k)
+    w = _words(packed)
+    if x2 is None or w is None or k % block or block < 8 or absmax.dtype != torch.float32:
+        return None
+    if n * k >= 2**31:
+        return None
+    m = x2.shape[0]
+    cfg = config or default_config(n, k, 4, block)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton_cdiv(n, cfg.bn),)
+    _nf4_gemv[grid](x2, w, absmax, lut.float(), bias if bias is not None else out, out, m, n, k, x2.stride(0),
+                    out.stride(0), BS=block, BM=_pow2_ceil(m), BN=cfg.bn, BK=max(cfg.bk, block),
+                    HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out.view(*x.shape[:-1], n)
