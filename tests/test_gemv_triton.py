@@ -69,28 +69,33 @@ def test_affine_gemv_matches_dequantize_matmul(bits, group, n, k, rows):
     _check(y, x, w_hat, bias, 1e-5)
 
 
-@pytest.mark.parametrize("config", [gemv_triton.Config(bn=1, bk=32), gemv_triton.Config(bn=16, bk=512)])
-def test_affine_gemv_any_tile_shape(config):
-    """Tiles smaller than a group's worth of rows and larger than the whole row give the same product."""
+@pytest.mark.parametrize("bits", [3, 4, 6])
+@pytest.mark.parametrize("config", [gemv_triton.Config(bn=1, bk=32), gemv_triton.Config(bn=16, bk=512),
+                                    gemv_triton.Config(bn=4, bk=64, mode="loop"),
+                                    gemv_triton.Config(bn=2, bk=512, mode="loop")])
+def test_affine_gemv_any_tile_shape_and_mode(bits, config):
+    """One group per tile or the whole row in one, one output row per program or 16, and the "loop" way of
+    meeting x: the same product."""
     w = _weights(33, 224, 5)
-    packed, meta = quantize(w, QuantSpec("q3", 32))
+    packed, meta = quantize(w, QuantSpec(f"q{bits}", 32))
     w_hat = dequantize(packed, meta, dtype=torch.float32)
     x = torch.randn(2, 224).to(DEV)
-    y = gemv_triton.affine_gemv(x, packed[""], packed["scale"], packed["min"], bits=3, group=32, shape=(33, 224),
+    y = gemv_triton.affine_gemv(x, packed[""], packed["scale"], packed["min"], bits=bits, group=32, shape=(33, 224),
                                 config=config)
     _check(y, x, w_hat, None, 1e-5)
 
 
+@pytest.mark.parametrize("mode", ["bcast", "loop"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("block,n,k,rows", [(32, 40, 192, 1), (64, 24, 256, 2), (128, 9, 512, 1)])
-def test_nf4_gemv_matches_bitsandbytes_dequantize(quant_type, block, n, k, rows):
+def test_nf4_gemv_matches_bitsandbytes_dequantize(mode, quant_type, block, n, k, rows):
     w = _weights(n, k, block)
     packed, meta = quantize(w, QuantSpec(quant_type, block))
     w_hat = dequantize(packed, meta, dtype=torch.float32)
     x = torch.randn(rows, k).to(DEV)
     bias = torch.randn(n).to(DEV) if rows == 2 else None
     y = gemv_triton.nf4_gemv(x, packed[""], packed["absmax"], _code(quant_type, packed[""].device), block=block,
-                             shape=(n, k), bias=bias)
+                             shape=(n, k), bias=bias, config=gemv_triton.Config(bn=4, bk=128, mode=mode))
     assert y is not None and y.shape == (rows, n)
     _check(y, x, w_hat, bias, 1e-5)
 

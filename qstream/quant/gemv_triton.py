@@ -60,6 +60,15 @@ class Config:
     bk: int
     num_warps: int = 4
     num_stages: int = 3
+    # How codes meet x. "bcast": a word (nf4: a byte) is expanded into its codes along a trailing axis and
+    # multiplied with a contiguous x tile: one vector load of x per word. "loop": one pass per code position
+    # in the word, each with a strided load of x: fewer live registers, PER times the x load instructions.
+    # Which is faster on a given GPU is for scripts/gemv_bench.py --sweep to say.
+    mode: str = "bcast"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("bcast", "loop"):
+            raise ValueError(f"mode must be 'bcast' or 'loop', got {self.mode!r}")
 
 
 def default_config(n: int, k: int, bits: int, group: int) -> Config:
@@ -133,9 +142,28 @@ if triton is not None:
         return tl.sum(part, axis=3)
 
     @triton.jit
+    def _field_bcast(w_ptr, x_ptr, rm, rn, k0, M, N, K, groups, stride_xm,
+                     W: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """Columns k0 .. k0+BK of one field: per word, sum_t code_t * x (dot [BM, BN, NW]), sum_t x
+        (xs [BM, NW]), and each word's group (g [NW])."""
+        PER: tl.constexpr = 32 // W
+        NW: tl.constexpr = BK // PER
+        words_row = groups * (GROUP // PER)
+        wi = k0 // PER + tl.arange(0, NW)
+        words = tl.load(w_ptr + rn[:, None] * words_row + wi[None, :],
+                        mask=(rn[:, None] < N) & (wi[None, :] < words_row), other=0)
+        ti = tl.arange(0, PER)
+        c = ((words[:, :, None] >> (ti[None, None, :] * W)) & ((1 << W) - 1)).to(tl.float32)  # [BN, NW, PER]
+        col = wi[:, None] * PER + ti[None, :]  # [NW, PER], contiguous: one vector load per word
+        xv = tl.load(x_ptr + rm[:, None, None] * stride_xm + col[None, :, :],
+                     mask=(rm[:, None, None] < M) & (col[None, :, :] < K), other=0.0).to(tl.float32)
+        dot = tl.sum(c[None, :, :, :] * xv[:, None, :, :], axis=3)
+        return dot, tl.sum(xv, axis=2), (wi * PER) // GROUP
+
+    @triton.jit
     def _affine_gemv(x_ptr, w_ptr, scale_ptr, low_ptr, bias_ptr, out_ptr, M, N, K, groups, off_b, stride_xm,
                      stride_om, WA: tl.constexpr, WB: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr):
+                     BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, BCAST: tl.constexpr):
         NG: tl.constexpr = BK // GROUP
         pid = tl.program_id(0)
         rm = tl.arange(0, BM)
@@ -143,22 +171,38 @@ if triton is not None:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         gi = tl.arange(0, NG)
         xi = tl.arange(0, GROUP)
-        for g0 in range(0, groups, NG):
-            g = g0 + gi
-            dot = _field_dot(w_ptr, x_ptr, rm, rn, g, M, N, K, groups, stride_xm, WA, GROUP, BM, BN, NG)
-            if WB > 0:  # the second field starts off_b words in and carries the code's high bits
-                dot += _field_dot(w_ptr + off_b, x_ptr, rm, rn, g, M, N, K, groups, stride_xm, WB, GROUP, BM, BN,
-                                  NG) * (1 << WA)
-            # sum of x over each group: [BM, NG]; padded columns (col >= K) read as 0
-            col = g[None, :, None] * GROUP + xi[None, None, :]
-            xt = tl.load(x_ptr + rm[:, None, None] * stride_xm + col,
-                         mask=(rm[:, None, None] < M) & (col < K), other=0.0).to(tl.float32)
-            xs = tl.sum(xt, axis=2)
-            goff = rn[:, None] * groups + g[None, :]
-            gok = (rn[:, None] < N) & (g[None, :] < groups)
-            s = tl.load(scale_ptr + goff, mask=gok, other=0.0).to(tl.float32)
-            lo = tl.load(low_ptr + goff, mask=gok, other=0.0).to(tl.float32)
-            acc += tl.sum(dot * s[None, :, :] + xs[:, None, :] * lo[None, :, :], axis=2)
+        if BCAST:
+            for k0 in range(0, groups * GROUP, BK):
+                # scale and min gathered per word: no reshape from words to groups
+                da, xsa, ga = _field_bcast(w_ptr, x_ptr, rm, rn, k0, M, N, K, groups, stride_xm, WA, GROUP, BM, BN, BK)
+                goff = rn[:, None] * groups + ga[None, :]
+                gok = (rn[:, None] < N) & (ga[None, :] < groups)
+                s = tl.load(scale_ptr + goff, mask=gok, other=0.0).to(tl.float32)
+                lo = tl.load(low_ptr + goff, mask=gok, other=0.0).to(tl.float32)
+                acc += tl.sum(da * s[None, :, :] + xsa[:, None, :] * lo[None, :, :], axis=2)
+                if WB > 0:
+                    db, _, gb = _field_bcast(w_ptr + off_b, x_ptr, rm, rn, k0, M, N, K, groups, stride_xm, WB, GROUP, BM,
+                                             BN, BK)
+                    sb = tl.load(scale_ptr + rn[:, None] * groups + gb[None, :],
+                                 mask=(rn[:, None] < N) & (gb[None, :] < groups), other=0.0).to(tl.float32)
+                    acc += tl.sum(db * sb[None, :, :], axis=2) * (1 << WA)
+        else:  # "loop"
+            for g0 in range(0, groups, NG):
+                g = g0 + gi
+                dot = _field_dot(w_ptr, x_ptr, rm, rn, g, M, N, K, groups, stride_xm, WA, GROUP, BM, BN, NG)
+                if WB > 0:  # the second field starts off_b words in and carries the code's high bits
+                    dot += _field_dot(w_ptr + off_b, x_ptr, rm, rn, g, M, N, K, groups, stride_xm, WB, GROUP, BM, BN,
+                                      NG) * (1 << WA)
+                # sum of x over each group: [BM, NG]; padded columns (col >= K) read as 0
+                col = g[None, :, None] * GROUP + xi[None, None, :]
+                xt = tl.load(x_ptr + rm[:, None, None] * stride_xm + col,
+                             mask=(rm[:, None, None] < M) & (col < K), other=0.0).to(tl.float32)
+                xs = tl.sum(xt, axis=2)
+                goff = rn[:, None] * groups + g[None, :]
+                gok = (rn[:, None] < N) & (g[None, :] < groups)
+                s = tl.load(scale_ptr + goff, mask=gok, other=0.0).to(tl.float32)
+                lo = tl.load(low_ptr + goff, mask=gok, other=0.0).to(tl.float32)
+                acc += tl.sum(dot * s[None, :, :] + xs[:, None, :] * lo[None, :, :], axis=2)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -166,7 +210,11 @@ if triton is not None:
 
     @triton.jit
     def _nf4_gemv(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                  BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr):
+                  BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BCAST: tl.constexpr):
+        """BCAST: w_ptr is the uint8 codes and lut_ptr a [256, 2] float32 table (byte -> its two values, in
+        column order): one 8-byte table load per byte instead of one 4-byte load per code. Otherwise w_ptr is
+        the codes as int32 words and lut_ptr the 16-value table."""
         NB: tl.constexpr = BK // BS  # absmax blocks per tile
         GW: tl.constexpr = BS // 8  # int32 words per block (8 codes a word)
         pid = tl.program_id(0)
@@ -178,28 +226,60 @@ if triton is not None:
         bi = tl.arange(0, NB)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         xrow = rm[:, None, None] * stride_xm
-        for b0 in range(0, blocks, NB):
-            b = b0 + bi
-            off = rn[:, None, None] * words_row + b[None, :, None] * GW + wi[None, None, :]
-            ok = (rn[:, None, None] < N) & (b[None, :, None] < blocks)
-            words = tl.load(w_ptr + off, mask=ok, other=0)
-            part = tl.zeros([BM, BN, NB, GW], dtype=tl.float32)
-            col0 = (b[None, :, None] * GW + wi[None, None, :]) * 8
-            for t in tl.static_range(8):
-                # little-endian word: code t sits in byte t // 2, the even code in its high nibble
-                c = (words >> (8 * (t // 2) + 4 * (1 - t % 2))) & 15
-                v = tl.load(lut_ptr + c)  # 16 floats: stays in L1
-                col = col0 + t
-                xv = tl.load(x_ptr + xrow + col, mask=(rm[:, None, None] < M) & (col < K), other=0.0).to(tl.float32)
-                part += v[None, :, :, :] * xv[:, None, :, :]
-            dot = tl.sum(part, axis=3)
-            aoff = rn[:, None] * blocks + b[None, :]
-            am = tl.load(absmax_ptr + aoff, mask=(rn[:, None] < N) & (b[None, :] < blocks), other=0.0)
-            acc += tl.sum(dot * am[None, :, :], axis=2)
+        NY: tl.constexpr = BK // 2  # bytes per row per tile
+        hi = tl.arange(0, 2)
+        if BCAST:
+            for k0 in range(0, K, BK):
+                yi = k0 // 2 + tl.arange(0, NY)
+                by = tl.load(w_ptr + rn[:, None] * (K // 2) + yi[None, :],
+                             mask=(rn[:, None] < N) & (yi[None, :] < K // 2), other=0).to(tl.int32)
+                v = tl.load(lut_ptr + by[:, :, None] * 2 + hi[None, None, :])  # [BN, NY, 2]
+                col = yi[:, None] * 2 + hi[None, :]
+                xv = tl.load(x_ptr + xrow + col[None, :, :], mask=(rm[:, None, None] < M) & (col[None, :, :] < K),
+                             other=0.0).to(tl.float32)
+                d = tl.sum(v[None, :, :, :] * xv[:, None, :, :], axis=3)  # [BM, BN, NY]
+                blk = yi * 2 // BS
+                am = tl.load(absmax_ptr + rn[:, None] * blocks + blk[None, :],
+                             mask=(rn[:, None] < N) & (blk[None, :] < blocks), other=0.0)
+                acc += tl.sum(d * am[None, :, :], axis=2)
+        else:  # "loop": one pass per nibble position of an int32 word, a 16-value table load per code
+            for b0 in range(0, blocks, NB):
+                b = b0 + bi
+                off = rn[:, None, None] * words_row + b[None, :, None] * GW + wi[None, None, :]
+                ok = (rn[:, None, None] < N) & (b[None, :, None] < blocks)
+                words = tl.load(w_ptr + off, mask=ok, other=0)
+                part = tl.zeros([BM, BN, NB, GW], dtype=tl.float32)
+                col0 = (b[None, :, None] * GW + wi[None, None, :]) * 8
+                for t in tl.static_range(8):
+                    # little-endian word: code t sits in byte t // 2, the even code in its high nibble
+                    c = (words >> (8 * (t // 2) + 4 * (1 - t % 2))) & 15
+                    v = tl.load(lut_ptr + c)  # 16 floats: stays in L1
+                    col = col0 + t
+                    xv = tl.load(x_ptr + xrow + col, mask=(rm[:, None, None] < M) & (col < K), other=0.0).to(tl.float32)
+                    part += v[None, :, :, :] * xv[:, None, :, :]
+                dot = tl.sum(part, axis=3)
+                aoff = rn[:, None] * blocks + b[None, :]
+                am = tl.load(absmax_ptr + aoff, mask=(rn[:, None] < N) & (b[None, :] < blocks), other=0.0)
+                acc += tl.sum(dot * am[None, :, :], axis=2)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+_PAIRS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _pair_table(lut: torch.Tensor) -> torch.Tensor:
+    """[256, 2] float32: byte b -> (lut[b >> 4], lut[b & 15]), the values of its first and second code
+    (bitsandbytes puts the first in the high nibble). Built once per code table: inside a CUDA graph
+    capture it must already exist (load()'s warm-up and the benchmark's untimed steps build it)."""
+    key = (lut.data_ptr(), lut.device)
+    t = _PAIRS.get(key)
+    if t is None:
+        b = torch.arange(256, device=lut.device)
+        t = _PAIRS[key] = torch.stack([lut[b >> 4], lut[b & 15]], dim=1).float().contiguous()
+    return t
 
 
 def affine_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, *, bits: int,
@@ -225,7 +305,7 @@ def affine_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low:
     _affine_gemv[grid](x2, w, scale, low, bias if bias is not None else out, out, m, n, k, groups,
                        n * padded * wa // 32, x2.stride(0), out.stride(0), WA=wa, WB=wb, GROUP=group,
                        BM=_pow2_ceil(m), BN=cfg.bn, BK=max(cfg.bk, group), HAS_BIAS=bias is not None,
-                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                       BCAST=cfg.mode == "bcast", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.view(*x.shape[:-1], n)
 
 
@@ -236,16 +316,16 @@ def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut: t
     (rows not a whole number of blocks, too many rows, misaligned storage)."""
     n, k = shape
     x2 = _rows(x, k)
-    w = _words(packed)
-    if x2 is None or w is None or k % block or block < 8 or absmax.dtype != torch.float32:
-        return None
-    if n * k >= 2**31:
+    cfg = config or default_config(n, k, 4, block)
+    w = packed.reshape(-1) if cfg.mode == "bcast" else _words(packed)  # "loop" reads int32 words
+    if x2 is None or w is None or k % block or block < 8 or absmax.dtype != torch.float32 or n * k >= 2**31:
         return None
     m = x2.shape[0]
-    cfg = config or default_config(n, k, 4, block)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton_cdiv(n, cfg.bn),)
-    _nf4_gemv[grid](x2, w, absmax, lut.float(), bias if bias is not None else out, out, m, n, k, x2.stride(0),
-                    out.stride(0), BS=block, BM=_pow2_ceil(m), BN=cfg.bn, BK=max(cfg.bk, block),
-                    HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    bcast = cfg.mode == "bcast"
+    _nf4_gemv[grid](x2, w, absmax, _pair_table(lut) if bcast else lut.float(),
+                    bias if bias is not None else out, out, m, n, k, x2.stride(0), out.stride(0), BS=block,
+                    BM=_pow2_ceil(m), BN=cfg.bn, BK=max(cfg.bk, block), HAS_BIAS=bias is not None, BCAST=bcast,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.view(*x.shape[:-1], n)
