@@ -28,6 +28,7 @@ one float32 absmax per block; qstream stores no double quantization: compress_st
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -71,6 +72,7 @@ class Config:
             raise ValueError(f"mode must be 'bcast' or 'loop', got {self.mode!r}")
 
 
+@functools.cache  # called on every launch: eager decode pays for Python
 def default_config(n: int, k: int, bits: int, group: int) -> Config:
     """A fixed table for Hopper (H100/H200, 132 SMs): no autotuning, so the first call inside a CUDA
     graph capture launches a kernel instead of benchmarking candidates.
@@ -174,15 +176,16 @@ if triton is not None:
         if BCAST:
             for k0 in range(0, groups * GROUP, BK):
                 # scale and min gathered per word: no reshape from words to groups
-                da, xsa, ga = _field_bcast(w_ptr, x_ptr, rm, rn, k0, M, N, K, groups, stride_xm, WA, GROUP, BM, BN, BK)
+                da, xsa, ga = _field_bcast(w_ptr, x_ptr, rm, rn, k0, M, N, K, groups, stride_xm, WA, GROUP, BM, BN,
+                                           BK)
                 goff = rn[:, None] * groups + ga[None, :]
                 gok = (rn[:, None] < N) & (ga[None, :] < groups)
                 s = tl.load(scale_ptr + goff, mask=gok, other=0.0).to(tl.float32)
                 lo = tl.load(low_ptr + goff, mask=gok, other=0.0).to(tl.float32)
                 acc += tl.sum(da * s[None, :, :] + xsa[:, None, :] * lo[None, :, :], axis=2)
                 if WB > 0:
-                    db, _, gb = _field_bcast(w_ptr + off_b, x_ptr, rm, rn, k0, M, N, K, groups, stride_xm, WB, GROUP, BM,
-                                             BN, BK)
+                    db, _, gb = _field_bcast(w_ptr + off_b, x_ptr, rm, rn, k0, M, N, K, groups, stride_xm, WB,
+                                             GROUP, BM, BN, BK)
                     sb = tl.load(scale_ptr + rn[:, None] * groups + gb[None, :],
                                  mask=(rn[:, None] < N) & (gb[None, :] < groups), other=0.0).to(tl.float32)
                     acc += tl.sum(db * sb[None, :, :], axis=2) * (1 << WA)
@@ -255,7 +258,8 @@ if triton is not None:
                     c = (words >> (8 * (t // 2) + 4 * (1 - t % 2))) & 15
                     v = tl.load(lut_ptr + c)  # 16 floats: stays in L1
                     col = col0 + t
-                    xv = tl.load(x_ptr + xrow + col, mask=(rm[:, None, None] < M) & (col < K), other=0.0).to(tl.float32)
+                    xv = tl.load(x_ptr + xrow + col, mask=(rm[:, None, None] < M) & (col < K),
+                                 other=0.0).to(tl.float32)
                     part += v[None, :, :, :] * xv[:, None, :, :]
                 dot = tl.sum(part, axis=3)
                 aoff = rn[:, None] * blocks + b[None, :]
@@ -283,7 +287,8 @@ def _pair_table(lut: torch.Tensor) -> torch.Tensor:
 
 
 def affine_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, *, bits: int,
-                group: int, shape, bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor | None:
+                group: int, shape, bias: torch.Tensor | None = None,
+                config: Config | None = None) -> torch.Tensor | None:
     """x [..., in] (at most MAX_ROWS rows) @ W.T for W [out, in] stored as affine.py stores it (bitpack codes
     of rows padded to whole groups, float16 scale and min [out, groups]). None when the fused kernel does not
     apply (no Triton, too many rows, misaligned storage); the caller then dequantizes."""
