@@ -214,29 +214,37 @@ def check(dev) -> list[dict]:
              for g, n, k, rows in ((32, 1024, 4000, 1), (64, 4096, 4096, 4), (128, 1000, 4000, 1))]
     cases += [(f"{q}:{bs}", 1024, 4096, rows) for q in ("nf4", "fp4") for bs, rows in ((64, 1), (128, 4))]
     cases += [("q4:64", 4096, 14336, 1), ("nf4:64", 4096, 14336, 1)]
+    cases += [("q4:64", 4096, 4096, 1, "loop"), ("q3:32", 1024, 4000, 4, "loop"), ("nf4:64", 1024, 4096, 1, "loop")]
     return check_cases(cases, dev, gen)
 
 
 def check_cases(cases, dev, gen) -> list[dict]:
+    """cases: (format, out, in, input rows[, unpacking mode; default_config's when absent])."""
     out = []
-    for fmt, n, k, rows in cases:
+    for fmt, n, k, rows, *mode in cases:
         name, bs = fmt.split(":")
         w = torch.randn(n, k, device=dev, generator=gen) * 0.02
         packed, meta = quantize(w, QuantSpec(name, int(bs)))
         w_hat = dequantize(packed, meta, dtype=torch.float32).double()
         bias = torch.randn(n, device=dev, generator=gen).to(DT)
         x = torch.randn(rows, k, device=dev, generator=gen).to(DT)
+        bits = 4 if name in ("nf4", "fp4") else int(name[1:])
+        cfg = replace(gemv_triton.default_config(n, k, bits, int(bs)), mode=mode[0]) if mode else None
         if name in ("nf4", "fp4"):
             y = gemv_triton.nf4_gemv(x, packed[""], packed["absmax"], _code(name, dev), block=int(bs),
-                                     shape=(n, k), bias=bias)
-        else:
+                                     shape=(n, k), bias=bias, config=cfg)
+        elif cfg is not None:
+            y = gemv_triton.affine_gemv(x, packed[""], packed["scale"], packed["min"], bits=bits, group=int(bs),
+                                        shape=(n, k), bias=bias, config=cfg)
+        else:  # through the scheme's hook, as QLinear calls it
             y = get_scheme(name).gemv(x, packed, meta, bias)
+        row = {"format": fmt, "shape": [n, k], "rows": rows, "mode": mode[0] if mode else "default"}
         if y is None:
-            out.append({"format": fmt, "shape": [n, k], "rows": rows, "ok": False, "error": "kernel declined"})
+            out.append({**row, "ok": False, "error": "kernel declined"})
             continue
         want = x.double() @ w_hat.T + bias.double()
         err = ((y.double() - want).abs() / (x.double().abs() @ w_hat.abs().T + bias.double().abs())).max().item()
-        out.append({"format": fmt, "shape": [n, k], "rows": rows, "rel_err": err, "ok": err < 1e-2})
+        out.append({**row, "rel_err": err, "ok": err < 1e-2})
     bad = [r for r in out if not r["ok"]]
     print(f"correctness: {len(out) - len(bad)}/{len(out)} ok; worst rel_err "
           f"{max(r.get('rel_err', float('inf')) for r in out):.2e}" + (f"; FAILED {bad}" if bad else ""), flush=True)
@@ -245,10 +253,11 @@ def check_cases(cases, dev, gen) -> list[dict]:
 
 # ---- tile-shape sweep (re-tuning default_config) -------------------------------------------------------------
 
-# ~48 tiles per format: each is a Triton compile (~1-2 s), shared by every weight shape (their sizes are all
-# multiples of 16, so Triton specializes them alike)
+# 48 tiles per format: each is a Triton compile (~1-2 s), shared by every weight shape (their sizes are all
+# multiples of 16, so Triton specializes them alike). bk 4096: a whole 4096-wide row per tile, every load of
+# a program issued at once (the 8B q/k/v/o matrices are ~60 KB of codes per SM: latency, not bandwidth).
 SWEEP = [gemv_triton.Config(bn, bk, w, mode=mode) for mode in ("bcast", "loop") for bn in (2, 4, 8, 16)
-         for bk in (256, 512, 1024) for w in (4, 8)]
+         for bk in (512, 1024, 4096) for w in (4, 8)]
 
 
 def sweep(layers: int, formats: list[str], dev) -> list[dict]:
