@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -95,7 +94,7 @@ def make_calls(specs: list[Spec], config=None, mode: str | None = None) -> list[
         cfg = config
         if cfg is None and mode is not None:
             bits = 4 if name in ("nf4", "fp4") else int(name[1:])
-            cfg = replace(gemv_triton.default_config(*meta["shape"], bits, meta["block_size"]), mode=mode)
+            cfg = gemv_triton.default_config(*meta["shape"], bits, meta["block_size"], mode)
         out.append((k, _call(kind, name, packed, meta, cfg)))
     return out
 
@@ -131,8 +130,8 @@ VARIANTS = [  # (label, kind, format, unpacking mode of the Triton GEMVs; None: 
     ("Triton nf4 GEMV (gemv_triton, loop)", "triton-nf4", "nf4:64", "loop"),
     ("q4 g64 torch dequant + matmul", "torch-dequant", "q4:64", None),
     ("q4 g64 Triton dequant + matmul (affine_triton)", "triton-dequant", "q4:64", None),
-    ("q4 g64 Triton GEMV (bcast)", "gemv", "q4:64", None),
-    ("q4 g64 Triton GEMV (loop)", "gemv", "q4:64", "loop"),
+    ("q4 g64 Triton GEMV (loop)", "gemv", "q4:64", None),
+    ("q4 g64 Triton GEMV (bcast)", "gemv", "q4:64", "bcast"),
     ("q4 g128 Triton GEMV", "gemv", "q4:128", None),
     ("q3 g64 Triton GEMV", "gemv", "q3:64", None),
     ("q2 g64 Triton GEMV", "gemv", "q2:64", None),
@@ -214,7 +213,7 @@ def check(dev) -> list[dict]:
              for g, n, k, rows in ((32, 1024, 4000, 1), (64, 4096, 4096, 4), (128, 1000, 4000, 1))]
     cases += [(f"{q}:{bs}", 1024, 4096, rows) for q in ("nf4", "fp4") for bs, rows in ((64, 1), (128, 4))]
     cases += [("q4:64", 4096, 14336, 1), ("nf4:64", 4096, 14336, 1)]
-    cases += [("q4:64", 4096, 4096, 1, "loop"), ("q3:32", 1024, 4000, 4, "loop"), ("nf4:64", 1024, 4096, 1, "loop")]
+    cases += [("q4:64", 4096, 4096, 1, "bcast"), ("q3:32", 1024, 4000, 4, "bcast"), ("nf4:64", 1024, 4096, 1, "loop")]
     return check_cases(cases, dev, gen)
 
 
@@ -229,7 +228,7 @@ def check_cases(cases, dev, gen) -> list[dict]:
         bias = torch.randn(n, device=dev, generator=gen).to(DT)
         x = torch.randn(rows, k, device=dev, generator=gen).to(DT)
         bits = 4 if name in ("nf4", "fp4") else int(name[1:])
-        cfg = replace(gemv_triton.default_config(n, k, bits, int(bs)), mode=mode[0]) if mode else None
+        cfg = gemv_triton.default_config(n, k, bits, int(bs), mode[0]) if mode else None
         if name in ("nf4", "fp4"):
             y = gemv_triton.nf4_gemv(x, packed[""], packed["absmax"], _code(name, dev), block=int(bs),
                                      shape=(n, k), bias=bias, config=cfg)
@@ -273,7 +272,7 @@ def sweep(layers: int, formats: list[str], dev) -> list[dict]:
         for n, k in sorted(set(SHAPES)):
             xs = {k: torch.randn(1, k, device=dev, dtype=DT)}
             specs, nbytes = make_specs(kind, fmt, layers, dev, shapes=[(n, k)])
-            default = gemv_triton.default_config(n, k, bits, int(bs))
+            default = gemv_triton.default_config(n, k, bits, int(bs), "bcast" if kind == "triton-nf4" else "loop")
             res = []
             for cfg in SWEEP + ([default] if default not in SWEEP else []):
                 if cfg.bk < int(bs):

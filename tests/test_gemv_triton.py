@@ -71,11 +71,11 @@ def test_affine_gemv_matches_dequantize_matmul(bits, group, n, k, rows):
 
 @pytest.mark.parametrize("bits", [3, 4, 6])
 @pytest.mark.parametrize("config", [gemv_triton.Config(bn=1, bk=32), gemv_triton.Config(bn=16, bk=512),
-                                    gemv_triton.Config(bn=4, bk=64, mode="loop"),
-                                    gemv_triton.Config(bn=2, bk=512, mode="loop")])
+                                    gemv_triton.Config(bn=4, bk=64, mode="bcast"),
+                                    gemv_triton.Config(bn=2, bk=512, mode="bcast")])
 def test_affine_gemv_any_tile_shape_and_mode(bits, config):
-    """One group per tile or the whole row in one, one output row per program or 16, and the "loop" way of
-    meeting x: the same product."""
+    """One group per tile or the whole row in one, one output row per program or 16, both ways of meeting x
+    ("loop", the default, and "bcast"): the same product."""
     w = _weights(33, 224, 5)
     packed, meta = quantize(w, QuantSpec(f"q{bits}", 32))
     w_hat = dequantize(packed, meta, dtype=torch.float32)

@@ -5,18 +5,24 @@ multiply-add, so the cost is the bytes read. Dequantizing to a dense weight firs
 writes and re-reads 2 bytes per weight, 4.5x the bytes of a q4 code. These kernels read the packed
 codes and their group's grid once and never materialise the weight.
 
-One program computes BN output rows for all (up to 8) input rows, walking K in tiles of BK columns:
+One program computes BN output rows for one input row (up to 8 rows run side by side, the codes of the
+second from L2), walking K in tiles of BK columns:
 
 * Codes are loaded as int32 words (a word holds 32/W codes of a W-bit field; the bitpack layout
   puts code i of a field at bit W * (i % (32/W)) of word i // (32/W), see _affine_gemv): 16-byte
   vector loads instead of byte loads. Every row and section start is 4-byte aligned because the
   padded row length is a multiple of the group size (>= 32 codes).
 * The tile is shaped [rows, groups in tile, words per group] from the start, so the per-group
-  reduction needs no reshape (a layout shuffle through shared memory on the GPU).
+  scaling needs no reshape (a layout shuffle through shared memory on the GPU).
 * Affine grid, per group:  sum_k (c_k*s + m) x_k = s * sum_k c_k x_k + m * sum_k x_k. The inner
-  loop is shift, mask, convert, multiply-add per code; scale and min are applied once per group.
+  loop is shift, mask, convert, multiply-add per code; scale and min are applied once per word.
   A two-field code c = a + 2**WA * b splits the same way: the fields are summed separately.
-* fp32 accumulation; the output (and bias) in x's dtype.
+* fp32 accumulation in a register tile, summed across threads once after the K loop; the output (and
+  bias) in x's dtype.
+
+Checked without a GPU: Triton compiles both kernels for sm_90a (triton.compile with a GPUTarget, ptxas
+-v): the "loop" affine kernel of the default q4 tile uses 64 registers, no spills, one 16-byte load per
+row of codes and 2 shared-memory round trips per program (the final reduction).
 
 No split-K: a split needs a zeroed fp32 buffer and a final cast, two more launches per linear
 (~2 us each inside a CUDA graph, ~1 ms over the 224 linears of an 8B step). Small outputs use
@@ -61,11 +67,13 @@ class Config:
     bk: int
     num_warps: int = 4
     num_stages: int = 3
-    # How codes meet x. "bcast": a word (nf4: a byte) is expanded into its codes along a trailing axis and
-    # multiplied with a contiguous x tile: one vector load of x per word. "loop": one pass per code position
-    # in the word, each with a strided load of x: fewer live registers, PER times the x load instructions.
-    # Which is faster on a given GPU is for scripts/gemv_bench.py --sweep to say.
-    mode: str = "bcast"
+    # How codes meet x. "loop": one pass per code position in the int32 word, each with a strided load of
+    # x (L1 hits); every tile keeps the layout of its load, so the loop body has no layout conversion. "bcast":
+    # a word (nf4: a byte) is expanded into its codes along a trailing axis and met by a contiguous x tile:
+    # one vector load of x per word, but Triton spreads that axis over threads (warp shuffles and shared
+    # memory in the sm_90 PTX of the affine kernel). nf4 defaults to "bcast" (its byte -> value-pair table
+    # halves the table loads), the affine formats to "loop"; scripts/gemv_bench.py measures both.
+    mode: str = "loop"
 
     def __post_init__(self) -> None:
         if self.mode not in ("bcast", "loop"):
@@ -73,7 +81,7 @@ class Config:
 
 
 @functools.cache  # called on every launch: eager decode pays for Python
-def default_config(n: int, k: int, bits: int, group: int) -> Config:
+def default_config(n: int, k: int, bits: int, group: int, mode: str = "loop") -> Config:
     """A fixed table for Hopper (H100/H200, 132 SMs): no autotuning, so the first call inside a CUDA
     graph capture launches a kernel instead of benchmarking candidates.
 
@@ -84,7 +92,7 @@ def default_config(n: int, k: int, bits: int, group: int) -> Config:
     bn = next((b for b in (8, 4, 2) if triton_cdiv(n, b) >= 512), 1)
     bk = 2048 * 8 // max(bits, 1) // bn  # codes per row per tile for ~2 KB of packed codes per tile
     bk = max(group, min(bk, 1024, _pow2_floor(max(k, group))))
-    return Config(bn=bn, bk=bk)
+    return Config(bn=bn, bk=bk, mode=mode)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -93,10 +101,6 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def _pow2_floor(v: int) -> int:
     return 1 << (v.bit_length() - 1)
-
-
-def _pow2_ceil(v: int) -> int:
-    return 1 << (v - 1).bit_length()
 
 
 def available(x: torch.Tensor) -> bool:
@@ -120,155 +124,169 @@ def _words(t: torch.Tensor) -> torch.Tensor | None:
 
 
 if triton is not None:
-    @triton.jit
-    def _field_dot(w_ptr, x_ptr, rm, rn, g, M, N, K, groups, stride_xm,
-                   W: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr):
-        """sum over each group of the tile of code_field * x: [BM, BN, NG] (fp32)."""
-        PER: tl.constexpr = 32 // W  # codes per int32 word
-        GW: tl.constexpr = GROUP // PER  # words per group
-        words_row = groups * GW
-        wi = tl.arange(0, GW)
-        # [BN, NG, GW] word offsets: row, then group, then word within the group
-        off = rn[:, None, None] * words_row + g[None, :, None] * GW + wi[None, None, :]
-        ok = (rn[:, None, None] < N) & (g[None, :, None] < groups)
-        words = tl.load(w_ptr + off, mask=ok, other=0)
-        part = tl.zeros([BM, BN, NG, GW], dtype=tl.float32)
-        # column of code t of word j: (g * GW + j) * PER + t, as [BM, 1, NG, GW]
-        col0 = (g[None, :, None] * GW + wi[None, None, :]) * PER
-        xrow = rm[:, None, None] * stride_xm
-        for t in tl.static_range(PER):
-            c = ((words >> (t * W)) & ((1 << W) - 1)).to(tl.float32)
-            col = col0 + t
-            xv = tl.load(x_ptr + xrow + col, mask=(rm[:, None, None] < M) & (col < K), other=0.0).to(tl.float32)
-            part += c[None, :, :, :] * xv[:, None, :, :]
-        return tl.sum(part, axis=3)
+    # Reductions are deferred: each loop step adds scaled per-word partial sums into a register tile
+    # (elementwise, no data leaves its thread) and the tile is summed across threads once, after the loop.
+    # Summing per step cost warp shuffles and shared-memory round trips on every step (PTX for sm_90).
+    # One input row per program (the grid runs the rows of x side by side, so a second row's codes come
+    # from L2): a leading row axis made Triton lay the tiles out apart from their loads, and convert
+    # between the two layouts through shared memory once per code position.
 
     @triton.jit
-    def _field_bcast(w_ptr, x_ptr, rm, rn, k0, M, N, K, groups, stride_xm,
-                     W: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """Columns k0 .. k0+BK of one field: per word, sum_t code_t * x (dot [BM, BN, NW]), sum_t x
-        (xs [BM, NW]), and each word's group (g [NW])."""
-        PER: tl.constexpr = 32 // W
+    def _words_bcast(w_ptr, x_ptr, scale_ptr, low_ptr, rn, k0, N, K, groups,
+                     W: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     LOW: tl.constexpr):
+        """Columns k0 .. k0+BK of one bit field, per int32 word: scale * sum_t code_t x_t, plus (LOW) min *
+        sum_t x_t. [BN, BK * W / 32]. Each word is expanded into its codes along a trailing axis and met
+        by a contiguous slice of x: one vector load of x per word."""
+        PER: tl.constexpr = 32 // W  # codes per word
         NW: tl.constexpr = BK // PER
         words_row = groups * (GROUP // PER)
         wi = k0 // PER + tl.arange(0, NW)
         words = tl.load(w_ptr + rn[:, None] * words_row + wi[None, :],
                         mask=(rn[:, None] < N) & (wi[None, :] < words_row), other=0)
         ti = tl.arange(0, PER)
+        # code t of word j: bits W*t .. W*t+W-1 (bitpack: first code lowest; little-endian bytes)
         c = ((words[:, :, None] >> (ti[None, None, :] * W)) & ((1 << W) - 1)).to(tl.float32)  # [BN, NW, PER]
-        col = wi[:, None] * PER + ti[None, :]  # [NW, PER], contiguous: one vector load per word
-        xv = tl.load(x_ptr + rm[:, None, None] * stride_xm + col[None, :, :],
-                     mask=(rm[:, None, None] < M) & (col[None, :, :] < K), other=0.0).to(tl.float32)
-        dot = tl.sum(c[None, :, :, :] * xv[:, None, :, :], axis=3)
-        return dot, tl.sum(xv, axis=2), (wi * PER) // GROUP
+        col = wi[:, None] * PER + ti[None, :]  # [NW, PER]; padded columns (col >= K) read x as 0
+        xv = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
+        dot = tl.sum(c * xv[None, :, :], axis=2)
+        g = (wi * PER) // GROUP  # each word's group: the grid is gathered per word, not reshaped
+        goff = rn[:, None] * groups + g[None, :]
+        gok = (rn[:, None] < N) & (g[None, :] < groups)
+        out = dot * tl.load(scale_ptr + goff, mask=gok, other=0.0).to(tl.float32)
+        if LOW:
+            lo = tl.load(low_ptr + goff, mask=gok, other=0.0).to(tl.float32)
+            out += tl.sum(xv, axis=1)[None, :] * lo
+        return out
+
+    @triton.jit
+    def _words_loop(w_ptr, x_ptr, scale_ptr, low_ptr, rn, g, N, K, groups,
+                    W: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
+                    LOW: tl.constexpr):
+        """As _words_bcast for the groups g, as [BN, NG, words per group], one pass per code position t
+        with a strided load of x: fewer live registers, PER times the x load instructions."""
+        PER: tl.constexpr = 32 // W
+        GW: tl.constexpr = GROUP // PER
+        words_row = groups * GW
+        wi = tl.arange(0, GW)
+        off = rn[:, None, None] * words_row + g[None, :, None] * GW + wi[None, None, :]
+        ok = (rn[:, None, None] < N) & (g[None, :, None] < groups)
+        words = tl.load(w_ptr + off, mask=ok, other=0)  # [BN, NG, GW]
+        part = tl.zeros([BN, NG, GW], dtype=tl.float32)
+        xw = tl.zeros([NG, GW], dtype=tl.float32)
+        col0 = (g[:, None] * GW + wi[None, :]) * PER  # column of code 0 of each word
+        for t in tl.static_range(PER):
+            c = ((words >> (t * W)) & ((1 << W) - 1)).to(tl.float32)
+            col = col0 + t
+            xv = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
+            part += c * xv[None, :, :]
+            if LOW:
+                xw += xv
+        goff = rn[:, None] * groups + g[None, :]
+        gok = (rn[:, None] < N) & (g[None, :] < groups)
+        out = part * tl.load(scale_ptr + goff, mask=gok, other=0.0).to(tl.float32)[:, :, None]
+        if LOW:
+            lo = tl.load(low_ptr + goff, mask=gok, other=0.0).to(tl.float32)
+            out += xw[None, :, :] * lo[:, :, None]
+        return out
 
     @triton.jit
     def _affine_gemv(x_ptr, w_ptr, scale_ptr, low_ptr, bias_ptr, out_ptr, M, N, K, groups, off_b, stride_xm,
-                     stride_om, WA: tl.constexpr, WB: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, BCAST: tl.constexpr):
-        NG: tl.constexpr = BK // GROUP
+                     stride_om, WA: tl.constexpr, WB: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr, HAS_BIAS: tl.constexpr, BCAST: tl.constexpr):
+        """A code of two fields c = a + 2**WA * b: sum_k (c s + m) x = s (sum a x + 2**WA sum b x) + m sum x,
+        so each field is its own pass over its own section (the second starts off_b words in)."""
         pid = tl.program_id(0)
-        rm = tl.arange(0, BM)
-        rn = pid * BN + tl.arange(0, BN)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        gi = tl.arange(0, NG)
-        xi = tl.arange(0, GROUP)
+        m = pid % M  # input row: the rows of one row block run side by side
+        rn = (pid // M) * BN + tl.arange(0, BN)
+        x_ptr += m * stride_xm
         if BCAST:
+            acc_a = tl.zeros([BN, BK * WA // 32], dtype=tl.float32)
+            if WB > 0:
+                acc_b = tl.zeros([BN, BK * WB // 32], dtype=tl.float32)
             for k0 in range(0, groups * GROUP, BK):
-                # scale and min gathered per word: no reshape from words to groups
-                da, xsa, ga = _field_bcast(w_ptr, x_ptr, rm, rn, k0, M, N, K, groups, stride_xm, WA, GROUP, BM, BN,
-                                           BK)
-                goff = rn[:, None] * groups + ga[None, :]
-                gok = (rn[:, None] < N) & (ga[None, :] < groups)
-                s = tl.load(scale_ptr + goff, mask=gok, other=0.0).to(tl.float32)
-                lo = tl.load(low_ptr + goff, mask=gok, other=0.0).to(tl.float32)
-                acc += tl.sum(da * s[None, :, :] + xsa[:, None, :] * lo[None, :, :], axis=2)
+                acc_a += _words_bcast(w_ptr, x_ptr, scale_ptr, low_ptr, rn, k0, N, K, groups, WA, GROUP, BN, BK,
+                                      True)
                 if WB > 0:
-                    db, _, gb = _field_bcast(w_ptr + off_b, x_ptr, rm, rn, k0, M, N, K, groups, stride_xm, WB,
-                                             GROUP, BM, BN, BK)
-                    sb = tl.load(scale_ptr + rn[:, None] * groups + gb[None, :],
-                                 mask=(rn[:, None] < N) & (gb[None, :] < groups), other=0.0).to(tl.float32)
-                    acc += tl.sum(db * sb[None, :, :], axis=2) * (1 << WA)
-        else:  # "loop"
+                    acc_b += _words_bcast(w_ptr + off_b, x_ptr, scale_ptr, low_ptr, rn, k0, N, K, groups, WB, GROUP,
+                                          BN, BK, False)
+            acc = tl.sum(acc_a, axis=1)
+            if WB > 0:
+                acc += tl.sum(acc_b, axis=1) * (1 << WA)
+        else:
+            NG: tl.constexpr = BK // GROUP
+            gi = tl.arange(0, NG)
+            acc_a = tl.zeros([BN, NG, GROUP * WA // 32], dtype=tl.float32)
+            if WB > 0:
+                acc_b = tl.zeros([BN, NG, GROUP * WB // 32], dtype=tl.float32)
             for g0 in range(0, groups, NG):
-                g = g0 + gi
-                dot = _field_dot(w_ptr, x_ptr, rm, rn, g, M, N, K, groups, stride_xm, WA, GROUP, BM, BN, NG)
-                if WB > 0:  # the second field starts off_b words in and carries the code's high bits
-                    dot += _field_dot(w_ptr + off_b, x_ptr, rm, rn, g, M, N, K, groups, stride_xm, WB, GROUP, BM, BN,
-                                      NG) * (1 << WA)
-                # sum of x over each group: [BM, NG]; padded columns (col >= K) read as 0
-                col = g[None, :, None] * GROUP + xi[None, None, :]
-                xt = tl.load(x_ptr + rm[:, None, None] * stride_xm + col,
-                             mask=(rm[:, None, None] < M) & (col < K), other=0.0).to(tl.float32)
-                xs = tl.sum(xt, axis=2)
-                goff = rn[:, None] * groups + g[None, :]
-                gok = (rn[:, None] < N) & (g[None, :] < groups)
-                s = tl.load(scale_ptr + goff, mask=gok, other=0.0).to(tl.float32)
-                lo = tl.load(low_ptr + goff, mask=gok, other=0.0).to(tl.float32)
-                acc += tl.sum(dot * s[None, :, :] + xs[:, None, :] * lo[None, :, :], axis=2)
+                acc_a += _words_loop(w_ptr, x_ptr, scale_ptr, low_ptr, rn, g0 + gi, N, K, groups, WA, GROUP, BN, NG,
+                                     True)
+                if WB > 0:
+                    acc_b += _words_loop(w_ptr + off_b, x_ptr, scale_ptr, low_ptr, rn, g0 + gi, N, K, groups, WB,
+                                         GROUP, BN, NG, False)
+            acc = tl.sum(tl.sum(acc_a, axis=2), axis=1)
+            if WB > 0:
+                acc += tl.sum(tl.sum(acc_b, axis=2), axis=1) * (1 << WA)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
 
     @triton.jit
     def _nf4_gemv(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                  BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  BCAST: tl.constexpr):
+                  BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, BCAST: tl.constexpr):
         """BCAST: w_ptr is the uint8 codes and lut_ptr a [256, 2] float32 table (byte -> its two values, in
         column order): one 8-byte table load per byte instead of one 4-byte load per code. Otherwise w_ptr is
-        the codes as int32 words and lut_ptr the 16-value table."""
-        NB: tl.constexpr = BK // BS  # absmax blocks per tile
-        GW: tl.constexpr = BS // 8  # int32 words per block (8 codes a word)
+        the codes as int32 words and lut_ptr the 16-value table. K % BS == 0 (checked by the caller)."""
         pid = tl.program_id(0)
-        rm = tl.arange(0, BM)
-        rn = pid * BN + tl.arange(0, BN)
-        blocks = K // BS  # per row: K % BS == 0, checked by the caller
-        words_row = blocks * GW
-        wi = tl.arange(0, GW)
-        bi = tl.arange(0, NB)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        xrow = rm[:, None, None] * stride_xm
-        NY: tl.constexpr = BK // 2  # bytes per row per tile
-        hi = tl.arange(0, 2)
+        m = pid % M
+        rn = (pid // M) * BN + tl.arange(0, BN)
+        x_ptr += m * stride_xm
+        blocks = K // BS  # absmax blocks per row
         if BCAST:
+            NY: tl.constexpr = BK // 2  # bytes per row per tile
+            hi = tl.arange(0, 2)
+            acc3 = tl.zeros([BN, NY], dtype=tl.float32)
             for k0 in range(0, K, BK):
                 yi = k0 // 2 + tl.arange(0, NY)
                 by = tl.load(w_ptr + rn[:, None] * (K // 2) + yi[None, :],
                              mask=(rn[:, None] < N) & (yi[None, :] < K // 2), other=0).to(tl.int32)
                 v = tl.load(lut_ptr + by[:, :, None] * 2 + hi[None, None, :])  # [BN, NY, 2]
                 col = yi[:, None] * 2 + hi[None, :]
-                xv = tl.load(x_ptr + xrow + col[None, :, :], mask=(rm[:, None, None] < M) & (col[None, :, :] < K),
-                             other=0.0).to(tl.float32)
-                d = tl.sum(v[None, :, :, :] * xv[:, None, :, :], axis=3)  # [BM, BN, NY]
+                xv = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
                 blk = yi * 2 // BS
                 am = tl.load(absmax_ptr + rn[:, None] * blocks + blk[None, :],
                              mask=(rn[:, None] < N) & (blk[None, :] < blocks), other=0.0)
-                acc += tl.sum(d * am[None, :, :], axis=2)
+                acc3 += tl.sum(v * xv[None, :, :], axis=2) * am
+            acc = tl.sum(acc3, axis=1)
         else:  # "loop": one pass per nibble position of an int32 word, a 16-value table load per code
+            NB: tl.constexpr = BK // BS  # absmax blocks per tile
+            GW: tl.constexpr = BS // 8  # int32 words per block (8 codes a word)
+            words_row = blocks * GW
+            wi = tl.arange(0, GW)
+            bi = tl.arange(0, NB)
+            acc4 = tl.zeros([BN, NB, GW], dtype=tl.float32)
             for b0 in range(0, blocks, NB):
                 b = b0 + bi
                 off = rn[:, None, None] * words_row + b[None, :, None] * GW + wi[None, None, :]
                 ok = (rn[:, None, None] < N) & (b[None, :, None] < blocks)
                 words = tl.load(w_ptr + off, mask=ok, other=0)
-                part = tl.zeros([BM, BN, NB, GW], dtype=tl.float32)
-                col0 = (b[None, :, None] * GW + wi[None, None, :]) * 8
+                part = tl.zeros([BN, NB, GW], dtype=tl.float32)
+                col0 = (b[:, None] * GW + wi[None, :]) * 8
                 for t in tl.static_range(8):
                     # little-endian word: code t sits in byte t // 2, the even code in its high nibble
                     c = (words >> (8 * (t // 2) + 4 * (1 - t % 2))) & 15
                     v = tl.load(lut_ptr + c)  # 16 floats: stays in L1
                     col = col0 + t
-                    xv = tl.load(x_ptr + xrow + col, mask=(rm[:, None, None] < M) & (col < K),
-                                 other=0.0).to(tl.float32)
-                    part += v[None, :, :, :] * xv[:, None, :, :]
-                dot = tl.sum(part, axis=3)
-                aoff = rn[:, None] * blocks + b[None, :]
-                am = tl.load(absmax_ptr + aoff, mask=(rn[:, None] < N) & (b[None, :] < blocks), other=0.0)
-                acc += tl.sum(dot * am[None, :, :], axis=2)
+                    xv = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
+                    part += v * xv[None, :, :]
+                am = tl.load(absmax_ptr + rn[:, None] * blocks + b[None, :],
+                             mask=(rn[:, None] < N) & (b[None, :] < blocks), other=0.0)
+                acc4 += part * am[:, :, None]
+            acc = tl.sum(tl.sum(acc4, axis=2), axis=1)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
 _PAIRS: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -306,10 +324,10 @@ def affine_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low:
     m = x2.shape[0]
     cfg = config or default_config(n, k, bits, group)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton_cdiv(n, cfg.bn),)
+    grid = (m * triton_cdiv(n, cfg.bn),)
     _affine_gemv[grid](x2, w, scale, low, bias if bias is not None else out, out, m, n, k, groups,
                        n * padded * wa // 32, x2.stride(0), out.stride(0), WA=wa, WB=wb, GROUP=group,
-                       BM=_pow2_ceil(m), BN=cfg.bn, BK=max(cfg.bk, group), HAS_BIAS=bias is not None,
+                       BN=cfg.bn, BK=max(cfg.bk, group), HAS_BIAS=bias is not None,
                        BCAST=cfg.mode == "bcast", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.view(*x.shape[:-1], n)
 
@@ -321,16 +339,16 @@ def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut: t
     (rows not a whole number of blocks, too many rows, misaligned storage)."""
     n, k = shape
     x2 = _rows(x, k)
-    cfg = config or default_config(n, k, 4, block)
+    cfg = config or default_config(n, k, 4, block, "bcast")
     w = packed.reshape(-1) if cfg.mode == "bcast" else _words(packed)  # "loop" reads int32 words
     if x2 is None or w is None or k % block or block < 8 or absmax.dtype != torch.float32 or n * k >= 2**31:
         return None
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton_cdiv(n, cfg.bn),)
+    grid = (m * triton_cdiv(n, cfg.bn),)
     bcast = cfg.mode == "bcast"
     _nf4_gemv[grid](x2, w, absmax, _pair_table(lut) if bcast else lut.float(),
                     bias if bias is not None else out, out, m, n, k, x2.stride(0), out.stride(0), BS=block,
-                    BM=_pow2_ceil(m), BN=cfg.bn, BK=max(cfg.bk, block), HAS_BIAS=bias is not None, BCAST=bcast,
+                    BN=cfg.bn, BK=max(cfg.bk, block), HAS_BIAS=bias is not None, BCAST=bcast,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.view(*x.shape[:-1], n)
