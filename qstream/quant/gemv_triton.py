@@ -90,7 +90,8 @@ def default_config(n: int, k: int, bits: int, group: int, mode: str = "loop") ->
     codes per tile (16 bytes per thread with 4 warps), at least one group. Re-tune with
     ``scripts/gemv_bench.py --sweep``."""
     bn = next((b for b in (8, 4, 2) if triton_cdiv(n, b) >= 512), 1)
-    bk = 2048 * 8 // max(bits, 1) // bn  # codes per row per tile for ~2 KB of packed codes per tile
+    # codes per row per tile for ~2 KB of packed codes per tile; a power of two (tl.arange), >= one group
+    bk = _pow2_floor(2048 * 8 // max(bits, 1) // bn)
     bk = max(group, min(bk, 1024, _pow2_floor(max(k, group))))
     return Config(bn=bn, bk=bk, mode=mode)
 
