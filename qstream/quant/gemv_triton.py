@@ -9,10 +9,10 @@ One program computes BN output rows for one input row (up to 8 rows run side by 
 second from L2), walking K in tiles of BK columns:
 
 * Codes are loaded as int32 words (a word holds 32/W codes of a W-bit field; the bitpack layout
-  puts code i of a field at bit W * (i % (32/W)) of word i // (32/W), see _affine_gemv): 16-byte
+  puts code i of a field at bit W * (i % (32/W)) of word i // (32/W), see _words_bcast): 16-byte
   vector loads instead of byte loads. Every row and section start is 4-byte aligned because the
   padded row length is a multiple of the group size (>= 32 codes).
-* The tile is shaped [rows, groups in tile, words per group] from the start, so the per-group
+* The "loop" tile is shaped [rows, groups in tile, words per group] from the start, so the per-group
   scaling needs no reshape (a layout shuffle through shared memory on the GPU).
 * Affine grid, per group:  sum_k (c_k*s + m) x_k = s * sum_k c_k x_k + m * sum_k x_k. The inner
   loop is shift, mask, convert, multiply-add per code; scale and min are applied once per word.
@@ -48,8 +48,8 @@ try:
 except ImportError:  # CPU-only installs: callers fall back to dequantize + matmul
     triton = None
 
-# Most input rows a launch handles: the codes are decoded once and reused for every row; past a few
-# rows the dense matmul on a dequantized weight wins (it is compute-, not decode-, bound).
+# Most input rows a launch handles: each row is a program of its own that decodes the codes again (read
+# from L2: the rows of one row block run side by side); past a few rows dequantize + dense matmul wins.
 MAX_ROWS = 8
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors (tests without a GPU).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -85,10 +85,11 @@ def default_config(n: int, k: int, bits: int, group: int, mode: str = "loop") ->
     """A fixed table for Hopper (H100/H200, 132 SMs): no autotuning, so the first call inside a CUDA
     graph capture launches a kernel instead of benchmarking candidates.
 
-    BN: the largest of 8/4/2/1 that still gives >= 512 programs (~4 per SM: enough resident warps to
-    keep ~40 KB of loads in flight per SM, which HBM3e needs to reach its bandwidth). BK: about 2 KB of
-    codes per tile (16 bytes per thread with 4 warps), at least one group. Re-tune with
-    ``scripts/gemv_bench.py --sweep``."""
+    BN: the largest of 8/4/2/1 that still gives >= 512 programs (~4 per SM). Triton does not
+    software-pipeline this K loop (no cp.async in the sm_90a PTX), so loads in flight come from resident
+    programs, not stages. BK: about 2 KB of codes per tile (16 bytes per thread with 4 warps: one vector
+    load), at least one group; larger tiles made Triton pick layouts that convert through shared memory
+    (scripts/gemv_ptx.py). A guess, not a measurement: re-tune with ``scripts/gemv_bench.py --sweep``."""
     bn = next((b for b in (8, 4, 2) if triton_cdiv(n, b) >= 512), 1)
     # codes per row per tile for ~2 KB of packed codes per tile; a power of two (tl.arange), >= one group
     bk = _pow2_floor(2048 * 8 // max(bits, 1) // bn)
