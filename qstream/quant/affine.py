@@ -26,7 +26,7 @@ import torch
 
 from ..dtypes import DTYPE_NAMES
 from ..errors import RecipeError
-from . import affine_triton, bitpack
+from . import affine_triton, bitpack, gemv_triton
 from .hqq import FitConfig, fit
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -93,6 +93,16 @@ class Affine:
         codes = bitpack.unpack(packed[""], self.bits, rows * groups * g).view(rows * groups, g)
         w = torch.addcmul(low.reshape(-1, 1).float(), codes.float(), scale.reshape(-1, 1).float())
         return w.view(rows, groups * g)[:, :shape[-1]].reshape(shape).to(dtype)
+
+    def gemv(self, x: torch.Tensor, packed: dict[str, torch.Tensor], meta: dict,
+             bias: torch.Tensor | None) -> torch.Tensor | None:
+        """x [.., in] with at most gemv_triton.MAX_ROWS rows -> x @ W.T straight from the packed codes
+        (one fused Triton kernel, no dequantized weight). None when it does not apply (no Triton or
+        CUDA, more rows, a weight that is not 2-D), so the caller dequantizes instead."""
+        if len(meta["shape"]) != 2 or not gemv_triton.available(x):
+            return None
+        return gemv_triton.affine_gemv(x, packed[""], packed["scale"], packed["min"], bits=self.bits,
+                                       group=meta["block_size"], shape=meta["shape"], bias=bias)
 
     def error_bound(self, block_size: int) -> float:
         base, per_doubling = _BOUNDS[self.bits]

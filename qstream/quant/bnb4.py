@@ -12,6 +12,7 @@ import math
 import torch
 
 from ..dtypes import DTYPE_NAMES
+from . import gemv_triton
 
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -61,7 +62,14 @@ class FourBit:
     def gemv(self, x: torch.Tensor, packed: dict[str, torch.Tensor], meta: dict, bias: torch.Tensor | None) -> torch.Tensor | None:
         """x [.., in] with a single row on CUDA -> x @ W.T straight from the 4-bit codes
         (bitsandbytes' fused inference kernel; no dequantized weight is written). None when
-        the fused path does not apply, so the caller dequantizes instead."""
+        the fused path does not apply, so the caller dequantizes instead. gemv_triton.NF4_KERNEL = "triton"
+        (env QSTREAM_NF4_GEMV=triton) runs qstream's Triton kernel instead, falling back to bitsandbytes'."""
+        if gemv_triton.NF4_KERNEL == "triton" and gemv_triton.available(x) and len(meta["shape"]) == 2:
+            q = packed[""]
+            y = gemv_triton.nf4_gemv(x, q, packed["absmax"], _code(self.quant_type, q.device),
+                                     block=meta["block_size"], shape=meta["shape"], bias=bias)
+            if y is not None:
+                return y
         if not x.is_cuda or x.numel() != x.shape[-1] or x.dtype not in (torch.float16, torch.bfloat16):
             return None
         import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
