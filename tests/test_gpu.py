@@ -173,3 +173,26 @@ def test_two_gpus_give_the_tokens_of_one(tmp_path, mode, devices):
         assert torch.cuda.current_device() == 0  # the hand-over's device switches do not leak out
     finally:
         two.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows,n", [(1, 4096), (37, 576), (3, 896)])
+def test_fused_rms_norm_equals_the_module(dtype, rows, n):
+    """The one-kernel RMSNorm (runtime/fused_norm.py) against transformers' LlamaRMSNorm: the
+    same float32 statistics, the same cast before the weight; only the reduction order differs."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from qstream.runtime.fused_norm import fused_norms, restore_norms
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    norm = LlamaRMSNorm(n, eps=1e-5).to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(n, generator=g, device="cuda"))
+    x = 3 * torch.randn(rows, 1, n, generator=g, device="cuda").to(dtype)
+    want = norm(x)
+    assert fused_norms(norm) == 1
+    got = norm(x)
+    restore_norms(norm)
+    assert "forward" not in norm.__dict__
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)

@@ -25,6 +25,7 @@ from ..store.integrity import FileCheck, file_check
 from ..store.tensors import read_file, regroup, relayout, views
 from .embedding import HostEmbedding
 from .fuse import attach, file_groups, plan_groups
+from .fused_norm import fused_norms
 from .hooks import Binding, set_param
 from .model import StreamedModel
 from .pipeline import Pipeline
@@ -194,8 +195,8 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
         "static" (static cache, no graphs) or "eager" (dynamic cache); see runtime/graphs.py.
     warmup: on CUDA, run a short generation before returning (kernels, graphs), so that the
         first real steps run at full speed and the cost shows up as load time.
-    fuse: one matrix-vector product for q/k/v and for gate/up of resident layers at batch 1
-        (None = on CUDA, where a fused single-row kernel exists; see runtime/fuse.py).
+    fuse: fused kernels (None = on CUDA): one matrix-vector product for q/k/v and for gate/up
+        of resident layers at batch 1 (runtime/fuse.py), RMSNorm in one kernel (fused_norm.py).
     devices: several devices of one host ("cuda:0,cuda:1" or a list), each holding and streaming
         a contiguous share of the layers (runtime/devices.py); ``gpu_memory`` is then the budget
         of each device, or a list of one per device. ``device`` must be left at "auto".
@@ -254,6 +255,8 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
     log.info("%s", plan.describe())
 
     fuse = dev.type == "cuda" if fuse is None else fuse
+    if fuse:
+        log.info("fused RMSNorm kernel in %d norms", fused_norms(hf))
     host_layers = _read_tiers(manifest, layer_entries, headers, plan, bindings, dev, progress, checks, fuse)
     pipeline = None
     if plan.streamed:

@@ -37,6 +37,7 @@ from ..store.integrity import file_check
 from ..store.manifest import read_manifest
 from ..store.tensors import read_file
 from . import build  # build.load() imports this module only when devices are given: no cycle at import time
+from .fused_norm import fused_norms
 from .graphs import LayerGraphs
 from .hooks import Binding
 from .model import StreamedModel
@@ -420,6 +421,8 @@ def load_devices(path, *, devices, gpu_memory=None, host_memory="auto", max_batc
     hf = build.skeleton(manifest, dtype)
     raise_first(manifest.root, shape_problems(manifest, {n: tuple(p.shape) for n, p in hf.named_parameters()}))
     build.swap_linears(hf, manifest.files, dtype)
+    if (any(d.type == "cuda" for d in devs) if fuse is None else fuse):
+        fused_norms(hf)
     stats = Stats()
     if profile:
         for m in hf.modules():
