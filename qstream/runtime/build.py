@@ -171,7 +171,8 @@ def _read_tiers(manifest: Manifest, entries: list[FileEntry], headers: list, pla
 def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_memory: str | int | None = None,
          host_memory: str | int | None = "auto", max_batch: int = 1, max_seq: int | None = None, prefill_chunk: int = 512,
          max_slots: int = 4, profile: bool = True, verify: bool = False, cold_disk: bool = False,
-         progress: bool = True, decode: str = "auto", warmup: bool = True) -> StreamedModel:
+         progress: bool = True, decode: str = "auto", warmup: bool = True, draft: bool = False,
+         draft_max_seq: int | None = None) -> StreamedModel:
     """Open a shard directory for inference.
 
     gpu_memory: budget on the compute device ("4GiB"; None = unlimited) covering weights,
@@ -185,6 +186,9 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
         "static" (static cache, no graphs) or "eager" (dynamic cache); see runtime/graphs.py.
     warmup: on CUDA, run a short generation before returning (kernels, graphs), so that the
         first real steps run at full speed and the cost shows up as load time.
+    draft: also hold the directory's low-bit draft resident (``model.draft``, for speculative
+        decoding), counted first in the budget; see runtime/draft.py. draft_max_seq: the draft's
+        KV room (default max_seq).
     """
     dev = resolve_device(device)
     manifest = read_manifest(path)
@@ -226,9 +230,16 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
     kv_offload = budget is not None and dev.type == "cuda" and fixed + kv + 2 * max(layer_bytes) > budget
     if kv_offload:
         kv = 2 * kv // manifest.num_layers  # only the layers in use stay on the device
-    plan = plan_tiers(layer_bytes, fixed_bytes=fixed + kv, budget=budget,
-                      host_budget=host_budget if dev.type == "cuda" or budget is not None else None,
-                      max_slots=max_slots)
+    if draft:  # the draft's copies and KV cache come off the budget first (runtime/draft.py)
+        from .draft import draft_data_bytes, plan_with_draft
+        plan = plan_with_draft(layer_bytes, draft_data_bytes(manifest), fixed_bytes=fixed + kv,
+                               draft_kv_bytes=fixed_bytes(hf, manifest, head_e, dtype, 1, draft_max_seq or max_seq, 1)[1],
+                               budget=budget, host_budget=host_budget if dev.type == "cuda" or budget is not None else None,
+                               max_slots=max_slots)
+    else:
+        plan = plan_tiers(layer_bytes, fixed_bytes=fixed + kv, budget=budget,
+                          host_budget=host_budget if dev.type == "cuda" or budget is not None else None,
+                          max_slots=max_slots)
     log.info("%s", plan.describe())
 
     host_layers = _read_tiers(manifest, layer_entries, headers, plan, bindings, dev, progress, checks)
@@ -239,5 +250,9 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
                             headers={i: headers[i] for i in plan.streamed}, slots=max(plan.slots, 2),
                             slot_bytes=plan.slot_bytes, stats=stats, profile=profile, cold=cold_disk,
                             checks={i: checks[i] for i in plan.disk})
-    return StreamedModel(manifest, hf, plan, dev, dtype, layers, pipeline, bindings, stats, layer_bytes, kv_offload, profile,
-                         max_batch=max_batch, max_seq=max_seq, decode=decode, warmup=warmup)
+    model = StreamedModel(manifest, hf, plan, dev, dtype, layers, pipeline, bindings, stats, layer_bytes, kv_offload, profile,
+                          max_batch=max_batch, max_seq=max_seq, decode=decode, warmup=warmup)
+    if draft:
+        from .draft import build_draft
+        model.draft = build_draft(model, manifest, plan, skeleton, swap_linears, _buffers_to)
+    return model
