@@ -59,7 +59,7 @@ def costs(d: str, max_seq: int, chunk: int, draft_seq: int) -> dict:
     m = read_manifest(d)
     dtype = build.DTYPES[m.compute_dtype]
     hf = build.skeleton(m, dtype)
-    build.swap_linears(hf, m.files, dtype)
+    build.swap_linears(hf, [e for e in m.files if e.kind != "draft"], dtype)
     head = m.file("head")
     fixed, kv = build.fixed_bytes(hf, m, head, dtype, 1, max_seq, chunk)
     draft_kv = build.fixed_bytes(hf, m, head, dtype, 1, draft_seq, 1)[1]

@@ -128,6 +128,8 @@ def main() -> int:
                         f"extrapolated plain eager step, plain plan {k0} of {L} resident", acc)
         # the check: the scaled slice predicted from the two pure runs vs its measurement
         sl = full_model(s, r, x, x["layers"], x["resident"])
+        checks.append(f"scaled slice: {x['resident']} of {x['layers']} resident (the full model's share rounds to "
+                      f"{x['slice_resident_target']}); full 70B: {k} of {L} resident with the draft, {k0} without")
         for t, m in by_tree(x).items():
             checks.append(f"70B slice at the scaled budget ({x['resident']}/{x['layers']} resident), tree {t}: verify "
                           f"predicted {sl[t]['verify'] * 1e3:.1f} ms, measured {m['verify_s'] * 1e3:.1f} ms; draft step "

@@ -211,7 +211,7 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
 
     hf = skeleton(manifest, dtype)
     raise_first(manifest.root, shape_problems(manifest, {n: tuple(p.shape) for n, p in hf.named_parameters()}))
-    swap_linears(hf, manifest.files, dtype)
+    swap_linears(hf, [e for e in manifest.files if e.kind != "draft"], dtype)  # draft copies: runtime/draft.py
     stats = Stats()
     if profile:
         for m in hf.modules():
