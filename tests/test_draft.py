@@ -176,6 +176,8 @@ def test_cli_shard_with_draft_and_bench_speculate_in_dir(tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     assert "q4 x14" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--gpu-memory", "1GiB"]) == 0
+    assert "plan with the draft" in capsys.readouterr().out
     assert main(["-q", "bench", str(out), "--device", "cpu", "--speculate", "--new-tokens", "12", "--tree-budget", "8",
                  "--no-spec-fallback"]) == 0
     text = capsys.readouterr().out

@@ -53,7 +53,14 @@ def _cmd_shard(a: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
-    print(inspect_table(read_manifest(a.dir)))
+    m = read_manifest(a.dir)
+    print(inspect_table(m))
+    if a.gpu_memory is not None:
+        if m.draft_files() is None:
+            raise QstreamError("--gpu-memory shows the plan with the directory's speculative draft, and it has none")
+        from ..runtime.draft import plan_for  # the runtime only when asked: inspect stays a manifest reader
+
+        print(f"plan with the draft (batch 1, default KV room): {plan_for(a.dir, a.gpu_memory).describe()}")
     return 0
 
 
@@ -96,6 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("inspect", parents=[COMMON], help="per-layer table of schemes, bytes and bits per weight")
     s.add_argument("dir", help="shard directory")
+    s.add_argument("--gpu-memory", metavar="SIZE", help="also print the tier plan of the target and its in-directory "
+                   "draft under this budget: what the draft costs and how many resident layers it displaces")
     s.set_defaults(func=_cmd_inspect)
 
     s = sub.add_parser("verify", parents=[COMMON], help="recompute checksums; exit 1 naming every missing or corrupt file")

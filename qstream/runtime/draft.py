@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import BudgetError, QstreamError
 from ..store.check import checked_header
 from ..store.integrity import file_check
-from ..store.manifest import Manifest
+from ..store.manifest import Manifest, read_manifest
 from ..store.tensors import views
 from .hooks import Binding
 from .plan import TierPlan, plan_tiers, size, spread
@@ -193,3 +193,23 @@ def build_draft(target, manifest: Manifest, plan: DraftPlan, skeleton, swap_line
     if leftover:
         raise QstreamError(f"internal: draft parameter {leftover[0]} was never bound")
     return SharedDraft(target, hf, plan.drafted, plan)
+
+
+def plan_for(path, gpu_memory, *, max_seq: int | None = None, prefill_chunk: int = 512,
+             draft_max_seq: int | None = None) -> DraftPlan:
+    """The plan ``load(path, draft=True, gpu_memory=...)`` would make, without reading a weight
+    (a meta skeleton sizes the fixed costs): for `qstream inspect --gpu-memory`."""
+    from . import build
+    from .plan import default_max_seq, parse_bytes
+
+    m = read_manifest(path)
+    dtype = build.DTYPES[m.compute_dtype]
+    hf = build.skeleton(m, dtype)
+    build.swap_linears(hf, [e for e in m.files if e.kind != "draft"], dtype)
+    max_seq = max_seq or default_max_seq(m.max_positions)
+    head = m.file("head")
+    fixed, kv = build.fixed_bytes(hf, m, head, dtype, 1, max_seq, prefill_chunk)
+    draft_kv = build.fixed_bytes(hf, m, head, dtype, 1, draft_max_seq or max_seq, 1)[1]
+    layers = [checked_header(m, e).data_size for e in m.layer_files()]
+    return plan_with_draft(layers, draft_data_bytes(m), fixed_bytes=fixed + kv, draft_kv_bytes=draft_kv,
+                           budget=parse_bytes(gpu_memory, what="gpu_memory"), host_budget=None)
