@@ -42,6 +42,9 @@ cost() {  # name, dir, budget
     echo "rc=$?"
 }
 
+stamp "tests: the in-directory draft on CUDA is exact"
+timeout 120 python3 -m pytest -x -q -p no:cacheprovider tests/test_draft_gpu.py 2>&1 | tail -5
+
 stamp shards
 [ -f $L8/manifest.json ] || timeout 150 python3 scripts/make_synthetic_shards.py --shape llama3-8b --out $L8 \
     --draft-scheme q2 --draft-block-size 128
