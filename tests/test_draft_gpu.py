@@ -15,8 +15,8 @@ def test_in_dir_draft_on_cuda_is_exact(tmp_path):
     from qstream.speculate import SpecConfig, speculative_generate_ids
     from qstream.store.manifest import read_manifest
 
-    src = make_tiny(tmp_path / "m", "llama", num_hidden_layers=8, hidden_size=256, intermediate_size=512)
-    d = shard_to(tmp_path, src, "fp32", compute_dtype="float32", draft={"scheme": "q3", "group_size": 64})
+    src = make_tiny(tmp_path / "m", "llama", num_hidden_layers=8)
+    d = shard_to(tmp_path, src, "fp32", compute_dtype="float32", draft={"scheme": "q3", "group_size": 32})
     kw = dict(device="cuda", max_seq=160, prefill_chunk=128, max_slots=2, decode="eager", progress=False)
     full = qstream.load(d, draft=True, **kw)
     fixed, big = full.plan.fixed_bytes, max(full.layer_bytes)
