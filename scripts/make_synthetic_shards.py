@@ -75,6 +75,8 @@ def affine_tensor(name: str, shape: tuple, seed: int, bits: int, group: int) -> 
     from qstream.quant import bitpack
 
     rows, cols = shape
+    if cols % group:  # the real quantizer pads such rows; random codes of a padded layout are not worth it here
+        raise SystemExit(f"{name}: {cols} columns are not a multiple of the draft group size {group}")
     g = _gen(seed, name + ".draft")
     codes = torch.randint(0, 1 << bits, (rows * cols,), dtype=torch.uint8, device=_dev(), generator=g)
     scale = torch.full((rows, cols // group), 4.8 * STD / ((1 << bits) - 1), dtype=torch.float16)
