@@ -12,6 +12,8 @@
     calibration:                   # optional: GPTQ for the q2 ... q8 weights of decoder layers
       text_file: eval/data/calib.txt
       tokens: 4096
+    draft: {scheme: q3, group_size: 64}  # optional: a low-bit copy of the decoder layers in the same
+                                   # directory, the draft of self-speculative decoding (see shard_draft.py)
 
 
 Only 2-D weights of linear layers are quantized; norms, biases and embeddings are
@@ -34,13 +36,16 @@ from .quant import SCHEMES, QuantSpec, check_spec, get_scheme
 
 _TOP_KEYS = {"model": str, "output": str, "scheme": str, "block_size": int, "group_size": int, "compute_dtype": str,
              "overrides": list, "description": str, "calibration": dict,
-             "target_bits_per_weight": (int, float)}
+             "target_bits_per_weight": (int, float), "draft": dict}
 _CALIBRATION_KEYS = {"text_file": str, "tokens": int}
 DEFAULT_CALIBRATION_TOKENS = 4096  # 8 sequences of 512: GPTQ's usual 128 x 2048 is ~60x more, but the
 # Hessians of a 135M-0.5B model's linears (in_features <= 4864) are well conditioned with 4k tokens after damping
 # the candidate schemes of target_bits_per_weight, at the recipe's group size
 TARGET_CANDIDATES = ("q3", "q4", "q5", "q6", "q8")
 MIN_TARGET_BITS, MAX_TARGET_BITS = 3.25, 8.5  # q3 and q8 at groups of 128 (their float16 scale+min cost 0.25)
+_DRAFT_KEYS = {"scheme": str, "block_size": int, "group_size": int}
+# a draft must be much cheaper than the target to pay: 2 to 4 bits (fitted affine groups, or nf4)
+DRAFT_SCHEMES = ("q2", "q3", "q4", "nf4")
 _OVERRIDE_KEYS = {"pattern": str, "scheme": str, "block_size": int, "group_size": int}
 # `group_size` is the usual name for the block of group-quantization schemes (q2 ... q8); it is
 # stored as block_size, so recipes that spell it either way shard identically
@@ -63,6 +68,14 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class DraftSpec:
+    """The scheme of the draft's copy of every decoder-layer linear (norms and biases are copied as stored)."""
+
+    scheme: str
+    block_size: int = 64
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: str
     output: Path
@@ -75,6 +88,7 @@ class Recipe:
     # mixed precision: weights no override names get the scheme among TARGET_CANDIDATES that
     # minimizes the total predicted error at this many bits per weight on average
     target_bits_per_weight: float | None = None
+    draft: DraftSpec | None = None  # a low-bit copy of the decoder layers for self-speculation
 
     def spec_for(self, module: str) -> tuple[QuantSpec, str | None]:
         """The spec of a quantizable weight of ``module``, and the pattern that chose it."""
@@ -88,7 +102,7 @@ class Recipe:
         d = asdict(self)
         d.pop("output")
         d.pop("description")
-        for k in ("calibration", "target_bits_per_weight"):
+        for k in ("calibration", "target_bits_per_weight", "draft"):
             if d[k] is None:
                 d.pop(k)  # recipes without them keep the fingerprint they had before the fields existed
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -97,7 +111,7 @@ class Recipe:
         d = asdict(self)
         d["output"] = str(self.output)
         d["overrides"] = [{k: v for k, v in asdict(o).items() if v is not None} for o in self.overrides]
-        for k in ("calibration", "target_bits_per_weight"):
+        for k in ("calibration", "target_bits_per_weight", "draft"):
             if d[k] is None:
                 d.pop(k)
         return d
@@ -183,7 +197,19 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
         description=data.get("description", ""),
         calibration=calibration,
         target_bits_per_weight=None if target is None else float(target),
+        draft=parse_draft(source, data["draft"]) if "draft" in data else None,
     )
+
+
+def parse_draft(source: str, d: dict) -> DraftSpec:
+    where = f"{source}: field 'draft'"
+    _check_fields(where, d, _DRAFT_KEYS, ("scheme",))
+    d = _resolve_aliases(where, d)
+    if d["scheme"] not in DRAFT_SCHEMES:
+        raise RecipeError(f"{where}.scheme: {d['scheme']!r} is not a draft scheme; choose one of {', '.join(DRAFT_SCHEMES)}")
+    block_size = d.get("block_size", 64)
+    check_spec(d["scheme"], block_size if get_scheme(d["scheme"]).block_sizes else None, where=f"{where}.block_size")
+    return DraftSpec(d["scheme"], block_size)
 
 
 def _calibration(source: str, c: dict) -> Calibration:

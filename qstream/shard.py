@@ -339,6 +339,9 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
 
     done = dict(journal.get("files", {}))
     unit_files = [f"{unit}.safetensors" for unit in units]
+    if recipe.draft is not None:  # the draft's layer copies are planned with the rest (qstream/shard_draft.py)
+        from .shard_draft import draft_names
+        unit_files += draft_names(units)
     # the journal names every file this run may create before the first of them exists, so a killed
     # run is resumable and its files are known to be qstream's (--force removes only those)
     journal = {"fingerprint": fingerprint, "files": done, "planned": unit_files}
@@ -387,6 +390,11 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
         bar.set_postfix_str(f"{moved / max(time.perf_counter() - t0, 1e-9) / 1e6:.0f} MB/s")
         bar.update(1)
     bar.close()
+    if recipe.draft is not None:
+        from .shard_draft import write_drafts
+        drafts, w, r = write_drafts(recipe, source, out, units, read_as, shapes, journal, dev, compute_dtype, progress)
+        entries += drafts
+        written, resumed = written + w, resumed + r
 
     tok_files, tok_sums = _save_tokenizer(source, out, journal, reserved={MANIFEST, JOURNAL, LOCK, *unit_files})
     dense = sum(2 * math.prod(shapes[n]) for n in shapes)  # the same weights in 16 bits

@@ -9,6 +9,10 @@ The directory passes `qstream verify` and loads with `qstream.load`; its tokens 
 
     python3 scripts/make_synthetic_shards.py --shape llama3-8b --out /tmp/qs/l8b-nf4
     python3 scripts/make_synthetic_shards.py --shape llama3-70b-slice --layers 6 --out /tmp/qs/l70b6-nf4
+
+--draft-scheme q2 (q3, q4, nf4) --draft-block-size 128 also writes the in-directory speculative
+draft (draft_NNN.safetensors, qstream/shard_draft.py): random codes of that scheme for every
+decoder-layer linear, norms as the layer stores them.
 """
 from __future__ import annotations
 
@@ -66,11 +70,36 @@ def bf16_tensor(name: str, shape: tuple, init: str, seed: int) -> tuple[dict[str
     return keyed, {"scheme": "bf16", "shape": list(shape), "dtype": "bfloat16", "stored": stored}
 
 
-def write_unit(out: Path, fname: str, kind: str, index: int | None, specs: list, seed: int) -> FileEntry:
+def affine_tensor(name: str, shape: tuple, seed: int, bits: int, group: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Random codes of a fitted-affine scheme (quant/affine.py's layout): a grid spanning about +-2.4 std."""
+    from qstream.quant import bitpack
+
+    rows, cols = shape
+    if cols % group:  # the real quantizer pads such rows; random codes of a padded layout are not worth it here
+        raise SystemExit(f"{name}: {cols} columns are not a multiple of the draft group size {group}")
+    g = _gen(seed, name + ".draft")
+    codes = torch.randint(0, 1 << bits, (rows * cols,), dtype=torch.uint8, device=_dev(), generator=g)
+    scale = torch.full((rows, cols // group), 4.8 * STD / ((1 << bits) - 1), dtype=torch.float16)
+    low = torch.full((rows, cols // group), -2.4 * STD, dtype=torch.float16)
+    keyed, stored = pack_stored(name, {"": bitpack.pack(codes, bits).cpu(), "scale": scale, "min": low})
+    return keyed, {"scheme": f"q{bits}", "shape": list(shape), "dtype": "bfloat16", "block_size": group, "stored": stored}
+
+
+def draft_tensor(name: str, shape: tuple, seed: int, scheme: str, group: int):
+    if scheme == "nf4":
+        return nf4_tensor(name, shape, seed + 1)
+    return affine_tensor(name, shape, seed, int(scheme[1:]), group)
+
+
+def write_unit(out: Path, fname: str, kind: str, index: int | None, specs: list, seed: int,
+               draft: tuple[str, int] | None = None) -> FileEntry:
     tensors, metas = {}, {}
     for s in specs:
-        quantize = kind == "layer" and len(s.shape) == 2
-        keyed, metas[s.name] = nf4_tensor(s.name, s.shape, seed) if quantize else bf16_tensor(s.name, s.shape, s.init, seed)
+        quantize = kind in ("layer", "draft") and len(s.shape) == 2
+        if quantize and draft is not None:
+            keyed, metas[s.name] = draft_tensor(s.name, s.shape, seed, *draft)
+        else:
+            keyed, metas[s.name] = nf4_tensor(s.name, s.shape, seed) if quantize else bf16_tensor(s.name, s.shape, s.init, seed)
         tensors.update(keyed)
     data = save_bytes(tensors, {"qstream": json.dumps(metas, sort_keys=True)})
     atomic_write_bytes(out / fname, data)
@@ -83,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, help="decoder layers (required for llama3-70b-slice)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--draft-scheme", choices=["q2", "q3", "q4", "nf4"], help="also write an in-directory draft")
+    ap.add_argument("--draft-block-size", type=int, default=64, help="group size of the draft (default 64)")
     a = ap.parse_args(argv)
     dims = dict(msc.SHAPES[a.shape])
     if a.layers:
@@ -110,11 +141,18 @@ def main(argv=None) -> int:
     for i, specs in enumerate(layers):
         entries.append(write_unit(out, f"layer_{i:03d}.safetensors", "layer", i, specs, a.seed))
     entries.append(write_unit(out, "head.safetensors", "head", None, norm + head, a.seed))
+    fields = {}
+    if a.draft_scheme:
+        draft = (a.draft_scheme, BLOCK if a.draft_scheme == "nf4" else a.draft_block_size)
+        for i, specs in enumerate(layers):
+            entries.append(write_unit(out, f"draft_{i:03d}.safetensors", "draft", i, specs, a.seed, draft))
+        fields["draft"] = {"scheme": a.draft_scheme, "block_size": draft[1]}
 
     recipe = parse_recipe({"model": f"synthetic:{a.shape}", "output": str(out), "scheme": "nf4", "block_size": BLOCK,
-                           "overrides": [{"pattern": "lm_head", "scheme": "bf16"}]})
+                           "overrides": [{"pattern": "lm_head", "scheme": "bf16"}], **fields})
     dense = sum(2 * math.prod(s.shape) for u in units for s in u)
-    write_manifest(out, version=__version__, fingerprint=f"synthetic-{a.shape}-{dims['layers']}-{a.seed}",
+    write_manifest(out, version=__version__,
+                   fingerprint=f"synthetic-{a.shape}-{dims['layers']}-{a.seed}" + (f"-draft-{a.draft_scheme}" if a.draft_scheme else ""),
                    source=f"random nf4 codes of {a.shape} ({dims['layers']} layers), scripts/make_synthetic_shards.py",
                    config=config, recipe=recipe.to_dict(), compute_dtype="bfloat16", layers_prefix="model.layers",
                    tied_head=False, source_bytes=dense, dense_bytes=dense, files=entries, tokenizer_files=tok_files)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import QstreamError
-from ..recipe import load_recipe
+from ..recipe import DRAFT_SCHEMES, load_recipe, parse_draft
 from ..resolve import DEFAULT_SCHEME, recipe_for
 from ..shard import shard
 from ..store.inspect import human, inspect_table, verify
@@ -25,8 +26,18 @@ def _recipe(a: argparse.Namespace):
     return recipe_for(a.model, scheme=a.scheme or DEFAULT_SCHEME, block_size=a.block_size, output=a.output)
 
 
+def _with_draft(recipe, a: argparse.Namespace):
+    """--draft-scheme adds (or replaces) the recipe's in-directory speculative draft."""
+    if a.draft_scheme is None:
+        if a.draft_block_size is not None:
+            raise QstreamError("--draft-block-size goes with --draft-scheme")
+        return recipe
+    d = {"scheme": a.draft_scheme} | ({} if a.draft_block_size is None else {"block_size": a.draft_block_size})
+    return replace(recipe, draft=parse_draft("--draft-scheme", d))
+
+
 def _cmd_shard(a: argparse.Namespace) -> int:
-    recipe = _recipe(a)
+    recipe = _with_draft(_recipe(a), a)
     r = shard(recipe, output=a.output, force=a.force, device=a.device, progress=progress(a))
     rows = [
         ("source", recipe.model, human(r.source_bytes)),
@@ -42,7 +53,14 @@ def _cmd_shard(a: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
-    print(inspect_table(read_manifest(a.dir)))
+    m = read_manifest(a.dir)
+    print(inspect_table(m))
+    if a.gpu_memory is not None:
+        if m.draft_files() is None:
+            raise QstreamError("--gpu-memory shows the plan with the directory's speculative draft, and it has none")
+        from ..runtime.draft import plan_for  # the runtime only when asked: inspect stays a manifest reader
+
+        print(f"plan with the draft (batch 1, default KV room): {plan_for(a.dir, a.gpu_memory).describe()}")
     return 0
 
 
@@ -78,10 +96,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--force", action="store_true", help="replace shards of another model or recipe in the output directory "
                    "(removes only the files its manifest or journal lists; anything else stops the run)")
     s.add_argument("--device", choices=["cpu", "cuda"], help="where to quantize (default: cuda when available)")
+    s.add_argument("--draft-scheme", choices=DRAFT_SCHEMES, help="also write a low-bit copy of the decoder layers into "
+                   "the directory: the draft of `--speculate` (same as the recipe field `draft: {scheme: ...}`)")
+    s.add_argument("--draft-block-size", type=int, help="group size of --draft-scheme (default 64)")
     s.set_defaults(func=_cmd_shard)
 
     s = sub.add_parser("inspect", parents=[COMMON], help="per-layer table of schemes, bytes and bits per weight")
     s.add_argument("dir", help="shard directory")
+    s.add_argument("--gpu-memory", metavar="SIZE", help="also print the tier plan of the target and its in-directory "
+                   "draft under this budget: what the draft costs and how many resident layers it displaces")
     s.set_defaults(func=_cmd_inspect)
 
     s = sub.add_parser("verify", parents=[COMMON], help="recompute checksums; exit 1 naming every missing or corrupt file")

@@ -16,6 +16,7 @@ from ..store.manifest import read_manifest
 from .common import devices_arg, open_model, progress
 
 DEFAULT_DRAFT_SCHEME = "nf4"
+IN_DIR = "auto"  # --speculate without a scheme: the directory's own draft when it has one (qstream/shard_draft.py)
 # a natural prompt for `bench --speculate`: random token ids (what plain bench decodes) are
 # text no draft can predict, so they would measure nothing about acceptance
 BENCH_PROMPT = "Explain how a CPU executes a program, step by step, in plain words."
@@ -24,9 +25,12 @@ BENCH_PROMPT = "Explain how a CPU executes a program, step by step, in plain wor
 def add_spec_args(p: argparse.ArgumentParser) -> None:
     """The speculation options of a command that decodes."""
     g = p.add_argument_group("speculative decoding (many tokens per pass over the weights; batch 1)")
-    g.add_argument("--speculate", nargs="?", const=DEFAULT_DRAFT_SCHEME, metavar="SCHEME",
-                   help="draft with a low-bit copy of the target: its source model sharded with SCHEME "
-                   f"(default {DEFAULT_DRAFT_SCHEME}); greedy output is unchanged, sampling keeps its distribution")
+    g.add_argument("--speculate", nargs="?", const=IN_DIR, metavar="SCHEME",
+                   help="draft with a low-bit copy of the target; greedy output is unchanged, sampling keeps its "
+                   "distribution. Without SCHEME: the shard directory's own draft (`qstream shard --draft-scheme`), "
+                   "resident inside --gpu-memory and sharing the target's resident layers, when it has one; else (or "
+                   f"with SCHEME) the target's source model sharded with SCHEME (default {DEFAULT_DRAFT_SCHEME}) into a "
+                   "separate directory")
     g.add_argument("--draft", metavar="SOURCE",
                    help="draft with this model (shard dir, recipe, .gguf, alias; same tokenizer as the target), "
                    "sharded with --draft-scheme on first use")
@@ -72,6 +76,11 @@ def kv_rooms(need: int, spec: SpecConfig) -> tuple[int, int]:
     return need + budget + 1, need + depth * beam + depth + 1
 
 
+def in_dir_draft(a: argparse.Namespace) -> bool:
+    """Whether --speculate uses the draft inside the target's shard directory."""
+    return a.speculate == IN_DIR and read_manifest(a.dir).draft_files() is not None
+
+
 def draft_dir(a: argparse.Namespace) -> Path:
     """The draft's shard directory (sharded first when needed). ``a.dir`` is the target's."""
     say = lambda line: print(f"qstream: {line}", file=sys.stderr)  # noqa: E731
@@ -82,16 +91,25 @@ def draft_dir(a: argparse.Namespace) -> Path:
         raise QstreamError(f"{a.dir}: the manifest names no source model to make a --speculate draft from; "
                            "give one with --draft SOURCE")
     try:
-        return resolve_source(source, scheme=a.speculate, progress=progress(a), say=say)
+        scheme = DEFAULT_DRAFT_SCHEME if a.speculate == IN_DIR else a.speculate
+        return resolve_source(source, scheme=scheme, progress=progress(a), say=say)
     except QstreamError as e:
         raise QstreamError(f"--speculate: cannot shard the target's source {source!r} ({e}); give a draft with "
                            "--draft SOURCE") from None
 
 
-def open_draft(a: argparse.Namespace, max_seq: int | None = None):
-    """Load the draft on the target's device, resident by default (it runs every round)."""
+def open_draft(a: argparse.Namespace, max_seq: int | None = None, target=None):
+    """The draft: the target's in-directory one when it was loaded with it, else a separate
+    directory loaded on the target's device, resident by default (it runs every round)."""
+    if target is not None and target.draft is not None:
+        return target.draft
     return load(draft_dir(a), device=a.device, gpu_memory=a.draft_gpu_memory, host_memory=a.host_memory,
                 max_seq=max_seq, progress=progress(a))
+
+
+def draft_kwargs(a: argparse.Namespace, room: int) -> dict:
+    """``load()`` arguments that make the target hold its in-directory draft, when that is the draft."""
+    return {"draft": True, "draft_max_seq": room} if in_dir_draft(a) else {}
 
 
 def check_batch(prompts: list) -> None:
@@ -111,9 +129,9 @@ def speculative_run(a: argparse.Namespace, tok, prompts: list, cfg: SamplingConf
     room the request needs without speculation (cli/run.py's kv_room). Returns (result, target)."""
     check_batch(prompts)
     room_t, room_d = kv_rooms(need, spec)
-    target = open_model(a, max_batch=1, max_seq=room_t, **target_load_kwargs(spec))
+    target = open_model(a, max_batch=1, max_seq=room_t, **target_load_kwargs(spec), **draft_kwargs(a, room_d))
     try:
-        draft = open_draft(a, max_seq=room_d)
+        draft = open_draft(a, max_seq=room_d, target=target)
         try:
             return run_speculative(target, draft, tok, prompts, cfg, spec, on_text=on_text), target
         finally:
@@ -142,9 +160,9 @@ def spec_bench(a: argparse.Namespace, spec: SpecConfig, *, new_tokens: int, prom
     n = len(tok(prompt)["input_ids"]) + new_tokens + 64  # + the chat template's tokens
     room_t, room_d = kv_rooms(n, spec)
     target = load(a.dir, device=a.device, gpu_memory=a.gpu_memory, host_memory=a.host_memory, max_seq=room_t,
-                  progress=progress(a), devices=devices_arg(a), **target_load_kwargs(spec))
+                  progress=progress(a), devices=devices_arg(a), **target_load_kwargs(spec), **draft_kwargs(a, room_d))
     try:
-        draft = open_draft(a, max_seq=room_d)
+        draft = open_draft(a, max_seq=room_d, target=target)
         try:
             generate(target, tok, [prompt], SamplingConfig(max_new_tokens=4))  # warm-up (first steps are slow)
             plain = generate(target, tok, [prompt], cfg)
@@ -153,16 +171,21 @@ def spec_bench(a: argparse.Namespace, spec: SpecConfig, *, new_tokens: int, prom
             draft.close()
     finally:
         target.close()
+    in_dir = draft is target.draft
     return {"prompt": prompt, "new_tokens": len(r.new_tokens[0]), "plain_s_per_token": plain.s_per_token,
             "spec_s_per_token": r.s_per_token, "speedup": plain.s_per_token / max(r.s_per_token, 1e-12),
             "identical_to_plain": r.new_tokens[0] == plain.new_tokens[0], "plan": target.plan.describe(),
-            "draft_plan": draft.plan.describe(), "spec": r.spec.as_dict()}
+            "draft": "in-directory (shared resident layers)" if in_dir else "separate directory",
+            "draft_plan": None if in_dir else draft.plan.describe(), "spec": r.spec.as_dict()}
 
 
 def format_spec_bench(d: dict) -> str:
     s = d["spec"]
+    draft = d["draft_plan"] or f"{d['draft']}, counted in the target's plan"
     return (f"plain {d['plain_s_per_token']:.4f} s/token | speculative {d['spec_s_per_token']:.4f} s/token "
-            f"(x{d['speedup']:.2f}) | {s['tokens_per_pass']:.2f} tokens/pass ({s['mode']}) | draft "
-            f"{s['draft_s_per_pass']:.4f} s + verify {s['verify_s_per_pass']:.4f} s per pass | greedy output "
+            f"(x{d['speedup']:.2f}) | {s['tokens_per_pass']:.2f} tokens/pass ({s['accepted_per_pass']:.2f} drafted "
+            f"tokens accepted + the target's own; {s['mode']}) | draft {s['draft_s_per_pass']:.4f} s per pass "
+            f"({s['draft_forwards_per_pass']:.1f} forwards of {s['draft_s_per_forward']:.4f} s) + verify "
+            f"{s['verify_s_per_pass']:.4f} s per pass of {s['tree_nodes_per_pass']:.1f} nodes | greedy output "
             f"{'identical' if d['identical_to_plain'] else 'DIFFERENT (bf16 near-ties)'}\n"
-            f"target: {d['plan']}\ndraft: {d['draft_plan']}" + (f"\nnote: {s['note']}" if s["note"] else ""))
+            f"target: {d['plan']}\ndraft: {draft}" + (f"\nnote: {s['note']}" if s["note"] else ""))

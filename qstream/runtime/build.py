@@ -23,6 +23,7 @@ from ..store.check import (CONFIG_ERRORS, check_tokenizer_files, checked_header,
                            raise_first, shape_problems)
 from ..store.integrity import FileCheck, file_check
 from ..store.tensors import read_file, regroup, relayout, views
+from .draft import build_draft, draft_data_bytes, plan_with_draft
 from .embedding import HostEmbedding
 from .fuse import attach, file_groups, plan_groups
 from .fused_norm import fused_norms
@@ -181,7 +182,7 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
          host_memory: str | int | None = "auto", max_batch: int = 1, max_seq: int | None = None, prefill_chunk: int = 512,
          max_slots: int = 4, profile: bool = True, verify: bool = False, cold_disk: bool = False,
          progress: bool = True, decode: str = "auto", warmup: bool = True, fuse: bool | None = None,
-         devices: list[str] | str | None = None) -> StreamedModel:
+         devices: list[str] | str | None = None, draft: bool = False, draft_max_seq: int | None = None) -> StreamedModel:
     """Open a shard directory for inference.
 
     gpu_memory: budget on the compute device ("4GiB"; None = unlimited) covering weights,
@@ -200,12 +201,17 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
     devices: several devices of one host ("cuda:0,cuda:1" or a list), each holding and streaming
         a contiguous share of the layers (runtime/devices.py); ``gpu_memory`` is then the budget
         of each device, or a list of one per device. ``device`` must be left at "auto".
+    draft: also hold the directory's low-bit draft resident (``model.draft``, for speculative
+        decoding), counted first in the budget; see runtime/draft.py. draft_max_seq: the draft's
+        KV room (default max_seq).
     """
     if devices is not None:
         from .devices import load_devices  # devices.py builds on this module's helpers: imported here, not in a cycle
 
         if device not in ("auto", None):
             raise QstreamError("give either device or devices, not both")
+        if draft:
+            raise QstreamError("the in-directory draft runs on one device; drop devices or speculate with --draft SOURCE")
         return load_devices(path, devices=devices, gpu_memory=gpu_memory, host_memory=host_memory, max_batch=max_batch,
                             max_seq=max_seq, prefill_chunk=prefill_chunk, max_slots=max_slots, profile=profile,
                             verify=verify, cold_disk=cold_disk, progress=progress, decode=decode, warmup=warmup, fuse=fuse)
@@ -230,7 +236,7 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
 
     hf = skeleton(manifest, dtype)
     raise_first(manifest.root, shape_problems(manifest, {n: tuple(p.shape) for n, p in hf.named_parameters()}))
-    swap_linears(hf, manifest.files, dtype)
+    swap_linears(hf, [e for e in manifest.files if e.kind != "draft"], dtype)  # draft copies: runtime/draft.py
     stats = Stats()
     if profile:
         for m in hf.modules():
@@ -249,9 +255,15 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
     kv_offload = budget is not None and dev.type == "cuda" and fixed + kv + 2 * max(layer_bytes) > budget
     if kv_offload:
         kv = 2 * kv // manifest.num_layers  # only the layers in use stay on the device
-    plan = plan_tiers(layer_bytes, fixed_bytes=fixed + kv, budget=budget,
-                      host_budget=host_budget if dev.type == "cuda" or budget is not None else None,
-                      max_slots=max_slots)
+    if draft:  # the draft's copies and KV cache come off the budget first (runtime/draft.py)
+        plan = plan_with_draft(layer_bytes, draft_data_bytes(manifest), fixed_bytes=fixed + kv,
+                               draft_kv_bytes=fixed_bytes(hf, manifest, head_e, dtype, 1, draft_max_seq or max_seq, 1)[1],
+                               budget=budget, host_budget=host_budget if dev.type == "cuda" or budget is not None else None,
+                               max_slots=max_slots)
+    else:
+        plan = plan_tiers(layer_bytes, fixed_bytes=fixed + kv, budget=budget,
+                          host_budget=host_budget if dev.type == "cuda" or budget is not None else None,
+                          max_slots=max_slots)
     log.info("%s", plan.describe())
 
     fuse = dev.type == "cuda" if fuse is None else fuse
@@ -265,5 +277,8 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
                             headers={i: headers[i] for i in plan.streamed}, slots=max(plan.slots, 2),
                             slot_bytes=plan.slot_bytes, stats=stats, profile=profile, cold=cold_disk,
                             checks={i: checks[i] for i in plan.disk})
-    return StreamedModel(manifest, hf, plan, dev, dtype, layers, pipeline, bindings, stats, layer_bytes, kv_offload, profile,
-                         max_batch=max_batch, max_seq=max_seq, decode=decode, warmup=warmup)
+    model = StreamedModel(manifest, hf, plan, dev, dtype, layers, pipeline, bindings, stats, layer_bytes, kv_offload, profile,
+                          max_batch=max_batch, max_seq=max_seq, decode=decode, warmup=warmup)
+    if draft:
+        model.draft = build_draft(model, manifest, plan, skeleton, swap_linears, _buffers_to)
+    return model

@@ -420,7 +420,7 @@ def load_devices(path, *, devices, gpu_memory=None, host_memory="auto", max_batc
 
     hf = build.skeleton(manifest, dtype)
     raise_first(manifest.root, shape_problems(manifest, {n: tuple(p.shape) for n, p in hf.named_parameters()}))
-    build.swap_linears(hf, manifest.files, dtype)
+    build.swap_linears(hf, [e for e in manifest.files if e.kind != "draft"], dtype)  # draft copies: runtime/draft.py
     if (any(d.type == "cuda" for d in devs) if fuse is None else fuse):
         fused_norms(hf)
     stats = Stats()

@@ -77,6 +77,7 @@ class StreamedModel:
         self.graphs: LayerGraphs | None = None
         self._static: tuple[int, object] | None = None  # (batch, StaticCache) reused by every generation
         self.warmup_s = 0.0
+        self.draft = None  # the resident in-directory draft when loaded with draft=True (runtime/draft.py)
         self.decode_mode, self.decode_note = self._decode_mode(decode)
         log.info("decode: %s", self.decode_note)
         if self.decode_mode == "graph":

@@ -66,6 +66,9 @@ class SpecStats:
         n = max(len(self.accepted), 1)
         return {"mode": self.mode, "note": self.note, "passes": self.passes, "tokens_per_pass": self.tokens_per_pass,
                 "accepted": self.accepted, "tree_nodes": self.tree_nodes, "draft_forwards": self.draft_forwards,
+                "accepted_per_pass": self.tokens_per_pass - 1 if self.accepted else 0.0,  # drafted tokens kept
+                "draft_forwards_per_pass": sum(self.draft_forwards) / n, "tree_nodes_per_pass": sum(self.tree_nodes) / n,
+                "draft_s_per_forward": sum(self.draft_s) / max(sum(self.draft_forwards), 1),
                 "draft_s_per_pass": sum(self.draft_s) / n, "verify_s_per_pass": sum(self.verify_s) / n,
                 "plain_steps": self.plain_steps, "plain_s_per_step": self.plain_s / max(self.plain_steps, 1),
                 "fell_back_after": self.fell_back_after, "draft_prefill_s": self.draft_prefill_s}

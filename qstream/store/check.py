@@ -22,7 +22,8 @@ from .files import config_digest, safe_member
 from .integrity import check_small_file
 from .tensors import MAIN, ST_DTYPES, Header, read_header
 
-KINDS = ("embed", "layer", "head")
+KINDS = ("embed", "layer", "head", "draft")  # draft: a low-bit copy of one decoder layer (qstream/shard_draft.py)
+INDEXED = ("layer", "draft")  # kinds that belong to one decoder layer
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # config fields the runtime reads to size the model and its budget: positive integers
 CONFIG_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
@@ -89,8 +90,8 @@ def check_structure(root, data: dict) -> None:
                 raise _bad(root, f"{where}: {key!r} is not a {typ.__name__}")
         if f["kind"] not in KINDS:
             raise _bad(root, f"{where}: unknown kind {f['kind']!r}")
-        if f["kind"] == "layer" and (not isinstance(f.get("index"), int) or isinstance(f.get("index"), bool)):
-            raise _bad(root, f"{where}: a layer file needs an integer 'index'")
+        if f["kind"] in INDEXED and (not isinstance(f.get("index"), int) or isinstance(f.get("index"), bool)):
+            raise _bad(root, f"{where}: a {f['kind']} file needs an integer 'index'")
         if not _HEX64.match(f["sha256"]):
             raise _bad(root, f"{where}: 'sha256' is not 64 hex digits")
         if "xxh3_64" in f and not (isinstance(f["xxh3_64"], str) and re.fullmatch(r"[0-9a-f]{16}", f["xxh3_64"])):
@@ -130,19 +131,19 @@ def manifest_problems(m) -> list[str]:
     seen: dict[tuple, str] = {}
     names: dict[str, str] = {}
     for f in files:
-        key = (f.kind, f.index if f.kind == "layer" else None)
+        key = (f.kind, f.index if f.kind in INDEXED else None)
         if key in seen:
             out.append(f"{f.name} and {seen[key]} are both the {f.kind} file{'' if key[1] is None else f' of layer {key[1]}'}")
         seen[key] = f.name
         if f.name in names:
             out.append(f"{f.name} is listed twice")
         names[f.name] = f.name
-        if f.kind == "layer" and not 0 <= f.index < max(n, 0):
+        if f.kind in INDEXED and not 0 <= f.index < max(n, 0):
             out.append(f"{f.name}: layer index {f.index} is outside 0..{n - 1}")
         for t, meta in f.tensors.items():
             if meta["scheme"] not in SCHEMES:
                 out.append(f"{f.name}: tensor {t} has unknown scheme {meta['scheme']!r}")
-            if f.kind == "layer" and not t.startswith(f"{m.layers_prefix}.{f.index}."):
+            if f.kind in INDEXED and not t.startswith(f"{m.layers_prefix}.{f.index}."):
                 out.append(f"{f.name}: tensor {t} does not belong to layer {f.index}")
     for kind in ("embed", "head"):
         if (kind, None) not in seen:
@@ -151,9 +152,33 @@ def manifest_problems(m) -> list[str]:
     if missing:
         out.append(f"no file for layer{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing[:5]))}"
                    f"{' ...' if len(missing) > 5 else ''}")
+    drafts = [i for i in range(max(n, 0)) if ("draft", i) in seen]
+    if drafts and len(drafts) < n:  # the runtime may need the draft of any layer it streams
+        gap = next(i for i in range(n) if ("draft", i) not in seen)
+        out.append(f"a draft copy of {len(drafts)} of {n} layers: no draft file for layer {gap}")
+    out += draft_problems(m)
     for t in m.tokenizer_checksums:
         if t not in m.tokenizer_files:
             out.append(f"tokenizer checksum for {t!r}, which tokenizer_files does not list")
+    return out
+
+
+def draft_problems(m) -> list[str]:
+    """A draft file holds exactly its layer's tensors with the same shapes: at run time it stands
+    in for that layer's file."""
+    out = []
+    layers = {f.index: f for f in m.files if f.kind == "layer"}
+    for f in m.files:
+        if f.kind != "draft" or f.index not in layers:
+            continue
+        own = layers[f.index].tensors
+        if set(f.tensors) != set(own):
+            diff = sorted(set(f.tensors) ^ set(own))[0]
+            out.append(f"{f.name}: draft of layer {f.index} and its layer file disagree about tensor {diff}")
+            continue
+        for t, meta in f.tensors.items():
+            if meta["shape"] != own[t]["shape"]:
+                out.append(f"{f.name}: {t} has shape {meta['shape']}, its layer file {own[t]['shape']}")
     return out
 
 

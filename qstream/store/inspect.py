@@ -32,7 +32,10 @@ def params_of(entry) -> int:
 def inspect_table(m: Manifest) -> str:
     rows = [("file", "schemes", "params", "bytes", "bits/weight")]
     total_params = total_bytes = 0
+    drafts = [f for f in m.files if f.kind == "draft"]
     for f in m.files:
+        if f.kind == "draft":
+            continue  # one summary line below: the copy is not part of the model's size
         params = params_of(f)
         schemes = Counter(t["scheme"] for t in f.tensors.values())
         desc = ", ".join(f"{k} x{v}" for k, v in sorted(schemes.items()))
@@ -47,7 +50,20 @@ def inspect_table(m: Manifest) -> str:
     lines.insert(-1, "  ".join("-" * w for w in widths))
     head = f"{m.root}: {m.source} ({m.architecture}), {m.num_layers} layers, compute dtype {m.compute_dtype}"
     foot = f"compression vs 16-bit: {human(dense)} -> {human(total_bytes)} ({dense / max(total_bytes, 1):.2f}x)"
+    if drafts:
+        lines.append(draft_line(drafts, m))
     return "\n".join([head, *lines, foot])
+
+
+def draft_line(drafts: list, m: Manifest) -> str:
+    """The draft copies in one line: scheme, files, bytes, what they cost next to the layers they copy."""
+    size = sum(f.size for f in drafts)
+    layers = sum(f.size for f in m.files if f.kind == "layer")
+    params = sum(params_of(f) for f in drafts)
+    schemes = Counter(t["scheme"] for f in drafts for t in f.tensors.values())
+    desc = ", ".join(f"{k} x{v}" for k, v in sorted(schemes.items()))
+    return (f"draft (speculative, draft_NNN.safetensors): {len(drafts)} files, {desc}, {human(size)} "
+            f"({8 * size / max(params, 1):.2f} bits/weight, {size / max(layers, 1):.0%} of the layers' {human(layers)})")
 
 
 @dataclass(frozen=True)

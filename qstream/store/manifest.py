@@ -4,6 +4,7 @@
     DIR/embed.safetensors        token embeddings
     DIR/layer_000.safetensors    one file per decoder layer (full HF tensor names)
     DIR/head.safetensors         final norm and output head
+    DIR/draft_000.safetensors    optional: a low-bit copy of layer 0, the speculative draft (shard_draft.py)
     DIR/tokenizer files          copied from the source
     DIR/.journal.json            progress of an unfinished run (resume), removed at the end
 
@@ -113,6 +114,17 @@ class Manifest:
         missing = [i for i in range(self.num_layers) if i not in by_index]
         if missing:
             raise ShardError(f"{self.root / MANIFEST} lists no file for layer {missing[0]}; re-shard")
+        return [by_index[i] for i in range(self.num_layers)]
+
+    def draft_files(self) -> list[FileEntry] | None:
+        """The low-bit draft copies of the decoder layers in layer order (qstream/shard_draft.py),
+        or None when the directory has none; an incomplete set is an error."""
+        by_index = {f.index: f for f in self.files if f.kind == "draft"}
+        if not by_index:
+            return None
+        missing = [i for i in range(self.num_layers) if i not in by_index]
+        if missing:
+            raise ShardError(f"{self.root / MANIFEST} lists no draft file for layer {missing[0]}; re-shard")
         return [by_index[i] for i in range(self.num_layers)]
 
     def path(self, entry: FileEntry) -> Path:

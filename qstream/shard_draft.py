@@ -1,0 +1,87 @@
+"""The draft of self-speculative decoding, written into the target's own shard directory.
+
+A recipe with ``draft: {scheme: q3, group_size: 64}`` (or ``qstream shard --draft-scheme q3``)
+also writes ``draft_000.safetensors`` ... : every decoder layer once more, its linear weights
+in a 2-4 bit scheme, its norms and biases as the target stores them (a few KiB per layer).
+Each file is a manifest entry of kind ``draft`` with its checksums, planned in the journal
+before it exists, so resume, ``--force`` and ``qstream verify`` treat it like any other file.
+
+Only decoder layers get a copy: embeddings, head and final norm are shared with the target
+at run time (runtime/draft.py), and so is every layer the tier plan keeps resident; the
+low-bit copy stands in only for layers the target streams. The draft is quantized from the
+source weights (not from the target's shards), without calibration.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .dtypes import KEEP_SCHEME
+from .quant import QuantSpec, get_scheme
+from .recipe import Recipe
+from .shard import _intact, _read_source, _store_tensor, _with_fast_hash, is_quantizable
+from .store.files import atomic_write_bytes, safe_member
+from .store.integrity import fast_digest
+from .store.manifest import FileEntry, write_journal
+from .store.tensors import save_bytes
+
+DRAFT_KIND = "draft"
+
+
+def draft_name(index: int) -> str:
+    return f"draft_{index:03d}.safetensors"
+
+
+def layer_units(units: dict[str, list[str]]) -> dict[int, list[str]]:
+    """Layer index -> tensor names of that decoder layer (units named layer_NNN by source.split_units)."""
+    return {int(u.split("_")[1]): m for u, m in units.items() if u.startswith("layer_")}
+
+
+def draft_names(units: dict[str, list[str]]) -> list[str]:
+    return [draft_name(i) for i in sorted(layer_units(units))]
+
+
+def draft_spec(recipe: Recipe, name: str, shape: torch.Size) -> QuantSpec:
+    """Linear weights in the draft's scheme; everything else as the target keeps it."""
+    d = recipe.draft
+    if is_quantizable(name, shape, "layer"):
+        return QuantSpec(d.scheme, d.block_size if get_scheme(d.scheme).block_sizes else None)
+    return QuantSpec(KEEP_SCHEME[recipe.compute_dtype])
+
+
+def write_drafts(recipe: Recipe, source, out: Path, units: dict[str, list[str]], read_as: dict[str, str],
+                 shapes: dict, journal: dict, dev: torch.device, compute_dtype: torch.dtype,
+                 progress: bool) -> tuple[list[FileEntry], int, int]:
+    """Write (or keep, when intact) one draft file per decoder layer. ``journal`` is the run's
+    journal (its ``files`` are the finished ones; the draft names are already ``planned``).
+    Returns the entries, files written and files resumed."""
+    done = journal["files"]
+    entries, written, resumed = [], 0, 0
+    layers = layer_units(units)
+    for i in tqdm(sorted(layers), desc=f"draft {recipe.draft.scheme}", unit="file", disable=not progress):
+        fname = draft_name(i)
+        path = safe_member(out, fname)
+        if _intact(path, done.get(fname)):
+            entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
+            resumed += 1
+            continue
+        tensors, metas = {}, {}
+        for n in layers[i]:
+            w = _read_source(source, read_as[n])
+            keyed, metas[n] = _store_tensor(n, w, draft_spec(recipe, n, shapes[n]), dev, compute_dtype)
+            tensors.update(keyed)
+            del w
+        data = save_bytes(tensors, {"qstream": json.dumps(metas, sort_keys=True)})
+        del tensors
+        atomic_write_bytes(path, data)
+        entry = FileEntry(fname, DRAFT_KIND, i, len(data), hashlib.sha256(data).hexdigest(), metas, fast_digest(data))
+        del data
+        entries.append(entry)
+        done[fname] = entry.to_dict()
+        write_journal(out, journal)
+        written += 1
+    return entries, written, resumed
