@@ -23,7 +23,7 @@ from ..store.check import (CONFIG_ERRORS, check_tokenizer_files, checked_header,
                            raise_first, shape_problems)
 from ..store.integrity import FileCheck, file_check
 from ..store.tensors import read_file, views
-from .embedding import HostEmbedding
+from .embedding import HostEmbedding, tie_embedding_to_head
 from .hooks import Binding, set_param
 from .model import StreamedModel
 from .pipeline import Pipeline
@@ -200,7 +200,9 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
     max_seq = max_seq or default_max_seq(manifest.max_positions)
 
     layer_entries = manifest.layer_files()
-    embed_e, head_e = manifest.file("embed"), manifest.file("head")
+    head_e = manifest.file("head")
+    # manifest_problems requires an embed file unless a tied embedding is stored once, in the head file
+    embed_e = next((f for f in manifest.files if f.kind == "embed"), None)
     headers = [checked_header(manifest, e) for e in layer_entries]  # each header against the manifest
     checks = {i: file_check(manifest, e) for i, e in enumerate(layer_entries)}
     layer_bytes = [h.data_size for h in headers]
@@ -216,10 +218,12 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
     layers = hf.get_submodule(manifest.layers_prefix)
     bindings = {i: Binding.of(hf, e) for i, e in enumerate(layer_entries)}
     _buffers_to(hf, dev)
-    _attach_embeddings(hf, read_file(manifest.path(embed_e), header=checked_header(manifest, embed_e),
-                                     check=file_check(manifest, embed_e)), dev)
+    if embed_e is not None:
+        _attach_embeddings(hf, read_file(manifest.path(embed_e), header=checked_header(manifest, embed_e),
+                                         check=file_check(manifest, embed_e)), dev)
     Binding.of(hf, head_e).apply(read_file(manifest.path(head_e), header=checked_header(manifest, head_e), device=dev,
                                            check=file_check(manifest, head_e)))
+    tie_embedding_to_head(hf, manifest.embedding)
 
     fixed, kv = fixed_bytes(hf, manifest, head_e, dtype, max_batch, max_seq, prefill_chunk)
     # a KV cache that would crowd out two layer slots is offloaded to host RAM, layer by layer
