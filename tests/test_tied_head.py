@@ -211,3 +211,30 @@ def test_a_damaged_embedding_field_is_refused(tied_src, tmp_path, bad, msg):
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ShardError, match=msg):
         qstream.load(d, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("extra", [{}, {"target_bits_per_weight": 4.5}])
+def test_calibration_starts_from_the_stored_once_embedding(tmp_path, extra):
+    """GPTQ (and the calibrated knapsack) need the embedding to start: with no embed file it is the stored head."""
+    import qstream
+    from conftest import byte_tokenizer
+    from qstream.runtime.twin import dense_twin
+    from qstream.shard import shard
+
+    src = make_tiny(tmp_path / "m", "qwen2")
+    byte_tokenizer(src)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog while numbers 0123456789 count. " * 80)
+    out = tmp_path / "gptq"
+    shard(parse_recipe({"model": str(src), "output": str(out), "scheme": "q4", "group_size": 32, "compute_dtype": "float32",
+                        "calibration": {"text_file": str(text), "tokens": 1024}, **extra}), progress=False)
+    files = _files(out)
+    assert "embed.safetensors" not in files
+    assert files["head.safetensors"]["tensors"]["lm_head.weight"]["scheme"] == "q8"  # the knapsack leaves it alone
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
+    model = qstream.load(out, device="cpu", max_seq=64, progress=False)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), dense_twin(out)(ids).logits, rtol=1e-5, atol=1e-5)
+    finally:
+        model.close()
