@@ -51,6 +51,10 @@ for name in "${names[@]}"; do
     t0=$(date +%s)
     q -q eval ppl "$d" --device cpu --text-file eval/data/sample.txt --context 512 --variant "$name" --json "$OUT/ppl-$name.json"
     echo "$name ppl_s=$(( $(date +%s) - t0 ))" | tee -a "$OUT/run-timing.txt"
+    if [[ $name == bf16 ]]; then  # bitsandbytes' own NF4 on the bf16 shards' dense twin: the nf4 target
+      q -q eval ppl "$d" --device cpu --text-file eval/data/sample.txt --context 512 --bnb-nf4-reference \
+        --json "$OUT/ppl-bnb-nf4-reference.json"
+    fi
   fi
   if has lm-eval; then
     q -q eval lm-eval "$d" --device cpu --tasks qstream_tiny_qa --include-path eval/tasks --batch-size 8 \
