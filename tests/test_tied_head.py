@@ -238,3 +238,25 @@ def test_calibration_starts_from_the_stored_once_embedding(tmp_path, extra):
             torch.testing.assert_close(model(ids), dense_twin(out)(ids).logits, rtol=1e-5, atol=1e-5)
     finally:
         model.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("head", ["q8", "int8", "nf4", "bf16"])
+def test_on_cuda_the_embedding_is_gathered_where_the_head_lives(tied_src, tmp_path, head):
+    """The head is on the GPU; the lookup gathers and dequantizes rows there and matches the CPU run."""
+    import qstream
+
+    d = shard_to(tmp_path, tied_src, "nf4", compute_dtype="float32", tied_head=head)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    cpu = qstream.load(d, device="cpu", progress=False)
+    gpu = qstream.load(d, device="cuda", max_seq=64, max_batch=2, progress=False)
+    try:
+        emb = gpu.hf.model.embed_tokens
+        assert type(emb).__name__ == "HeadEmbedding" and emb.head.packed[""].is_cuda
+        with torch.no_grad():
+            assert emb(ids.cuda()).is_cuda
+            torch.testing.assert_close(gpu(ids.cuda()).float().cpu(), cpu(ids).float(), rtol=2e-3, atol=2e-3)
+    finally:
+        gpu.close()
+        cpu.close()
