@@ -325,31 +325,37 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
     shapes = dict(source.shapes)
     read_as = {n: n for n in source.names}  # stored name -> source tensor it is made from
     tied = bool(getattr(source.config, "tie_word_embeddings", False)) and not any(n.startswith("lm_head") for n in source.names)
-    if tied:
-        # the runtime keeps the head on the accelerator and the embeddings on the host: store the head on its own
-        embed_name = next(n for n in units["embed"] if n.endswith("embed_tokens.weight") or n.endswith("wte.weight"))
-        units["head"].append("lm_head.weight")
-        shapes["lm_head.weight"] = shapes[embed_name]
-        read_as["lm_head.weight"] = embed_name
+    embedding = _store_tied_once(units, shapes, read_as) if tied else None
     specs = plan_specs(recipe, source.names, units, shapes)
+    if embedding is not None:
+        specs[TIED_HEAD], why = recipe.tied_head_spec()
+        log.info("tied embeddings: stored once as %s (%s), %s", TIED_HEAD, specs[TIED_HEAD], why)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if recipe.target_bits_per_weight is not None:
         specs = _allocate_specs(recipe, source, prefix, units, shapes, specs, read_as, dev)
     compute_dtype = DTYPES[recipe.compute_dtype]
 
-    done = dict(journal.get("files", {}))
     unit_files = [f"{unit}.safetensors" for unit in units]
     if recipe.draft is not None:  # the draft's layer copies are planned with the rest (qstream/shard_draft.py)
         from .shard_draft import draft_names
         unit_files += draft_names(units)
+    # a file an earlier run wrote is reused only if it holds these tensors in these specs (the same
+    # recipe can mean other files after a change in qstream, e.g. the tied embedding stored once)
+    done = {n: e for n, e in journal.get("files", {}).items() if n in unit_files and _same_plan(e, units, specs)}
+    stale = sorted(set(journal.get("files", {})) - set(unit_files))  # files of the old layout, removed at the end
     # the journal names every file this run may create before the first of them exists, so a killed
     # run is resumable and its files are known to be qstream's (--force removes only those)
-    journal = {"fingerprint": fingerprint, "files": done, "planned": unit_files}
+    journal = {"fingerprint": fingerprint, "files": done, "planned": unit_files + stale}
     write_journal(out, journal)
     t0 = time.perf_counter()
     written = resumed = moved = 0
     entries: list[FileEntry] = []
     cal = _calibrator(recipe, source, prefix, dev) if recipe.calibration is not None else None
+    tied_start = {}  # calibration: the embedding as the runtime will see it (the stored head, dequantized)
+    if cal is not None and embedding is not None:
+        tied_start = _tied_embedding_as_stored(source, embedding, specs[TIED_HEAD], dev, compute_dtype)
+        if "embed" not in units:
+            cal.start(tied_start)
     bar = tqdm(total=len(units), desc=f"shard {out.name}", unit="file", disable=not progress)
     for unit, members in units.items():
         fname = f"{unit}.safetensors"
@@ -357,7 +363,8 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
         if cal is not None and unit != "head":
             # calibration carries activations through every layer: compute even a resumed unit
             # (deterministic), write it only if it is not intact
-            tensors, metas = _calibrated_unit(cal, unit, members, source, read_as, specs, dev, compute_dtype)
+            tensors, metas = _calibrated_unit(cal, unit, members, source, read_as, specs, dev, compute_dtype,
+                                              tied_start)
             moved += sum(math.prod(shapes[n]) * 4 for n in members)
             if _intact(path, done.get(fname)):
                 entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
@@ -397,14 +404,50 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
         written, resumed = written + w, resumed + r
 
     tok_files, tok_sums = _save_tokenizer(source, out, journal, reserved={MANIFEST, JOURNAL, LOCK, *unit_files})
-    dense = sum(2 * math.prod(shapes[n]) for n in shapes)  # the same weights in 16 bits
+    dense = sum(2 * math.prod(shapes[n]) for m in units.values() for n in m)  # the stored weights in 16 bits
     write_manifest(out, version=__version__, fingerprint=fingerprint, source=source.description,
                    config=_config_dict(source.config), recipe=recipe.to_dict(), compute_dtype=recipe.compute_dtype,
                    layers_prefix=prefix, tied_head=tied, source_bytes=source.size_bytes, dense_bytes=dense, files=entries,
-                   tokenizer_files=tok_files, tokenizer_checksums=tok_sums)
+                   tokenizer_files=tok_files, tokenizer_checksums=tok_sums, embedding=embedding)
+    for name in stale:  # the new manifest no longer lists them: remove them while they are known to be ours
+        safe_member(out, name).unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     log.info("sharded %s into %s: %d files written, %d resumed", source.description, out, written, resumed)
     return ShardResult(out, source.size_bytes, dense, sum(e.size for e in entries), seconds, written, resumed)
+
+
+TIED_HEAD = "lm_head.weight"  # the name a tied model's one stored embedding/head matrix is stored under
+
+
+def _store_tied_once(units: dict[str, list[str]], shapes: dict[str, torch.Size], read_as: dict[str, str]) -> dict:
+    """A tied model's embedding matrix is stored once, as the head (``lm_head.weight`` in the head file,
+    in the head's scheme); the runtime looks the embedding up from it. Moves the tensor from the embed
+    unit to the head unit (dropping an embed unit left empty) and returns the manifest's record of it."""
+    embed_name = next(n for n in units["embed"] if n.endswith("embed_tokens.weight") or n.endswith("wte.weight"))
+    units["embed"].remove(embed_name)
+    if not units["embed"]:
+        del units["embed"]
+    units["head"].append(TIED_HEAD)
+    shapes[TIED_HEAD] = shapes[embed_name]
+    read_as[TIED_HEAD] = embed_name
+    return {"from": "head", "tensor": TIED_HEAD, "name": embed_name}
+
+
+def _tied_embedding_as_stored(source, embedding: dict, spec: QuantSpec, dev: torch.device,
+                              compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{embedding name: the stored head matrix, dequantized}: calibration starts from what the runtime looks up."""
+    packed, meta = _quantize_tensor(_read_source(source, embedding["name"]), spec, dev, compute_dtype)
+    return {embedding["name"]: dequantize(packed, meta, dtype=torch.float32)}
+
+
+def _same_plan(entry: dict, units: dict[str, list[str]], specs: dict[str, QuantSpec]) -> bool:
+    """A journal/manifest file entry holds exactly the tensors its unit now plans, in the planned specs."""
+    unit = entry.get("name", "").removesuffix(".safetensors")
+    tensors = entry.get("tensors") or {}
+    if sorted(tensors) != sorted(units.get(unit, [])):
+        return False
+    return all(meta.get("scheme") == specs[n].scheme and meta.get("block_size") == specs[n].block_size
+               for n, meta in tensors.items())
 
 
 def _with_fast_hash(path: Path, entry: FileEntry) -> FileEntry:
@@ -425,15 +468,19 @@ def _allocate_specs(recipe: Recipe, source, prefix: str, units: dict[str, list[s
     scheme (TARGET_CANDIDATES at the recipe's group size) that, over all those weights, minimizes
     the summed squared weight error within target x their parameter count bits (quant/mixed.py's
     exact knapsack). Reads each such weight once more and quantizes it with every candidate."""
+    tied = read_as.get(TIED_HEAD, TIED_HEAD) != TIED_HEAD  # the embedding stored once as the head
+    # a tied embedding/head matrix keeps Recipe.tied_head_spec's scheme: it is also every token's input
     free = [n for unit, members in units.items() for n in members
-            if is_quantizable(n, shapes[n], unit) and recipe.spec_for(n.removesuffix(".weight"))[1] is None]
+            if is_quantizable(n, shapes[n], unit) and recipe.spec_for(n.removesuffix(".weight"))[1] is None
+            and not (tied and n == TIED_HEAD)]
     candidates = [QuantSpec(s, recipe.block_size) for s in TARGET_CANDIDATES]
     scale: dict[str, torch.Tensor] = {}
     if recipe.calibration is not None:
         # a pass of the unquantized model over the calibration text: each linear's column errors are
         # weighted by the mean squared input of that column (the output error, up to correlations)
         cal = _calibrator(recipe, source, prefix, dev)
-        cal.start({n: _read_source(source, read_as[n]) for n in units["embed"]})
+        embeds = units.get("embed", []) + ([read_as[TIED_HEAD]] if tied else [])
+        cal.start({n: _read_source(source, n) for n in embeds})
         for unit, members in units.items():
             if unit.startswith("layer_"):
                 scale.update(cal.moments(int(unit.split("_")[1]), {n: _read_source(source, read_as[n]) for n in members}))
@@ -495,8 +542,10 @@ def _calibrator(recipe: Recipe, source, prefix: str, dev: torch.device) -> Calib
 
 
 def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, read_as: dict[str, str],
-                     specs: dict[str, QuantSpec], dev: torch.device, compute_dtype: torch.dtype):
-    """Embeddings: stored as usual, and they start the calibration. Layer i: its linears' Hessians on
+                     specs: dict[str, QuantSpec], dev: torch.device, compute_dtype: torch.dtype,
+                     tied_start: dict[str, torch.Tensor]):
+    """Embeddings: stored as usual, and they start the calibration (with ``tied_start``, a tied embedding
+    stored in the head file, added). Layer i: its linears' Hessians on
     the current (already-quantized-upstream) activations, GPTQ for affine schemes, then the layer as
     stored (dequantized) produces layer i+1's inputs."""
     raw = {n: _read_source(source, read_as[n]) for n in members}
@@ -510,7 +559,7 @@ def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, rea
         metas[n] = meta
     del raw, hessians
     if unit == "embed":
-        cal.start(runtime)
+        cal.start({**runtime, **tied_start})
     else:
         cal.advance(int(unit.split("_")[1]), runtime)
     return tensors, metas

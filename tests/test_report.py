@@ -147,3 +147,33 @@ def test_cli_report_and_bad_inputs(inputs, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("qstream: error: ") and needle in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_bytes_size_ratio_bits_and_head_columns(tmp_path):
+    bf16 = _ppl("bf16", "s/bf16", 20.0, bits=16.0, size=270 * MIB)
+    q4 = _ppl("q4", "s/q4", 21.0, bits=4.5, size=90 * MIB)
+    bf16.update(bits_per_weight=16.0, head="bf16, tied: stored once")
+    q4.update(bits_per_weight=5.3, head="q8 g64, tied: stored once")
+    readme = write_report(_write(tmp_path, {"a": bf16, "b": q4}), tmp_path / "r").read_text()
+    head, rows = _header(readme), _rows(readme)
+    col = {h: i for i, h in enumerate(head)}
+    assert rows["q4"][col["bytes"]] == f"{90 * MIB:,}" and rows["q4"][col["size vs bf16"]] == "0.333"
+    assert rows["q4"][col["bits/weight (all)"]] == "5.30" and rows["q4"][col["head"]] == "q8 g64, tied: stored once"
+    assert rows["bf16"][col["size vs bf16"]] == "1.000"
+
+
+def test_plots_are_svg_without_matplotlib(inputs, tmp_path, monkeypatch):
+    import xml.etree.ElementTree as ET
+
+    import qstream.eval.report as rep
+
+    monkeypatch.setattr(rep, "_plt", lambda: None)  # as on a machine without matplotlib
+    readme = write_report(inputs, tmp_path / "r").read_text()
+    svgs = sorted(p.name for p in (tmp_path / "r").iterdir() if p.suffix == ".svg")
+    assert svgs == ["ppl_vs_size-smollm2-135m.svg", "speed_vs_size-smollm2-135m.svg"]
+    assert not list((tmp_path / "r").glob("*.png"))
+    root = ET.parse(tmp_path / "r" / svgs[0]).getroot()  # well-formed XML
+    texts = {t.text for t in root.iter("{http://www.w3.org/2000/svg}text")}
+    assert {"bf16", "int8", "nf4", "fp4"} <= texts and "bnb NF4 reference (dense twin)" in texts
+    assert len(list(root.iter("{http://www.w3.org/2000/svg}circle"))) == 4
+    assert f"]({svgs[0]})" in readme and f"]({svgs[1]})" in readme

@@ -3,8 +3,9 @@
 Inputs are result files of `qstream eval ppl --json`, `qstream eval lm-eval --json` and
 `qstream bench --json`, matched by shard directory. For each model (and each perplexity setting:
 data, context, stride) the report writes a markdown table (size on disk, bits per weight of the
-decoder layers, perplexity and its change against the uncompressed variant, accuracy, speed),
-marks the quality targets, and plots perplexity and s/token against size.
+decoder layers and of everything, how the head is stored, perplexity and its change against the
+uncompressed variant, accuracy, speed), marks the quality targets, and plots perplexity and s/token
+against size (PNG with matplotlib; a plain SVG without it).
 
 Quality targets (``TARGET_RULES``):
   int8  perplexity at most +0.5% above the uncompressed variant's;
@@ -16,9 +17,11 @@ A variant that misses is marked MISS.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 from ..errors import EvalError
 from ..store.files import atomic_write_bytes
@@ -41,6 +44,8 @@ class Row:
     model: str
     shard_bytes: int | None = None
     bits_layers: float | None = None
+    bits_all: float | None = None  # every stored byte over every parameter (embeddings and head included)
+    head: str | None = None  # how the head is stored (results.head_storage)
     ppl: dict = field(default_factory=dict)  # setting -> ppl result dict
     acc: dict = field(default_factory=dict)  # task -> (metric, value)
     speed: dict | None = None  # bench result
@@ -112,6 +117,8 @@ def collect(results: list[tuple[Path, dict]]) -> dict[str, dict[str, Row]]:
         if variant != REFERENCE:
             row.shard_bytes = d.get("shard_bytes") or row.shard_bytes
             row.bits_layers = d.get("bits_per_weight_layers") or row.bits_layers
+            row.bits_all = d.get("bits_per_weight") or row.bits_all
+            row.head = d.get("head") or row.head
         row.sources.append(path.name)
         if kind == "ppl":
             row.ppl[_setting(d)] = {**d["ppl"], "data": d.get("data", {}), "machine": d.get("machine"),
@@ -175,7 +182,8 @@ def table(rows: list[Row], setting) -> tuple[list[str], list[list[str]], Row | N
     ref = reference(rows, setting)
     tasks = sorted({t for r in rows for t in r.acc})
     head = ["variant", "size on disk", "bits/weight (layers)", "perplexity",
-            f"Δ vs {base.variant}" if base else "Δ", *[f"{t} {rows_metric(rows, t)}" for t in tasks],
+            f"Δ vs {base.variant}" if base else "Δ", "bytes", f"size vs {base.variant}" if base else "size vs base",
+            "bits/weight (all)", "head", *[f"{t} {rows_metric(rows, t)}" for t in tasks],
             "s/token", "tokens/s", "quality target"]
     body = []
     order = sorted(rows, key=lambda r: (r.is_reference, -(r.bits_layers or 0), r.variant))
@@ -197,11 +205,19 @@ def table(rows: list[Row], setting) -> tuple[list[str], list[list[str]], Row | N
         body.append([
             r.variant, "- (simulated)" if r.is_reference else _mib(r.shard_bytes),
             f"{4 + 32 / (pr or {}).get('blocksize', 64):.2f} (simulated)" if r.is_reference else _f(r.bits_layers, "{:.2f}"), _f(p, "{:.4f}"), delta,
+            "-" if r.is_reference else _f(r.shard_bytes, "{:,}"), _ratio(r, base),
+            "-" if r.is_reference else _f(r.bits_all, "{:.2f}"), "-" if r.is_reference else (r.head or "-"),
             *[_f(r.acc[t][1], "{:.3f}") if t in r.acc else "-" for t in tasks],
             _f(sp.get("decode_s_per_token"), "{:.4f}"), _f(sp.get("decode_tokens_per_s"), "{:.2f}"),
             target(r, base, ref, setting),
         ])
     return head, body, base
+
+
+def _ratio(r: Row, base: Row | None) -> str:
+    if r.is_reference or base is None or not r.shard_bytes or not base.shard_bytes:
+        return "-"
+    return f"{r.shard_bytes / base.shard_bytes:.3f}"
 
 
 def rows_metric(rows: list[Row], task: str) -> str:
@@ -228,27 +244,34 @@ def markdown_table(head: list[str], body: list[list[str]]) -> str:
 
 
 def _plt():
+    """matplotlib.pyplot, or None when matplotlib is not installed (the plots are then plain SVG)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise EvalError("qstream report needs matplotlib for its plots: pip install 'qstream[eval]'") from None
+        return None
     return plt
 
 
-def plot_ppl(rows: list[Row], setting, out: Path, title: str) -> bool:
+def plot_ppl(rows: list[Row], setting, out: Path, title: str) -> Path | None:
+    """Perplexity against size on disk; ``out`` is the PNG path (an SVG next to it without matplotlib).
+    Returns the file written, or None when no variant has both numbers."""
     pts = [(r.shard_bytes / 2**20, r.ppl[setting]["perplexity"], r.variant) for r in rows
            if not r.is_reference and setting in r.ppl and r.shard_bytes]
     if not pts:
-        return False
+        return None
+    ref = next((r for r in rows if r.is_reference and setting in r.ppl), None)
     plt = _plt()
+    if plt is None:
+        hline = (ref.ppl[setting]["perplexity"], "bnb NF4 reference (dense twin)") if ref is not None else None
+        return svg_scatter(pts, out.with_suffix(".svg"), title=title, xlabel="size on disk (MiB)",
+                           ylabel="perplexity (lower is better)", hline=hline)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], zorder=3)
     for x, y, name in pts:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
-    ref = next((r for r in rows if r.is_reference and setting in r.ppl), None)
     if ref is not None:
         ax.axhline(ref.ppl[setting]["perplexity"], ls="--", lw=1, color="gray", label="bnb NF4 reference (dense twin)")
         ax.legend(fontsize=8)
@@ -260,14 +283,17 @@ def plot_ppl(rows: list[Row], setting, out: Path, title: str) -> bool:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
-    return True
+    return out
 
 
-def plot_speed(rows: list[Row], out: Path, title: str) -> bool:
+def plot_speed(rows: list[Row], out: Path, title: str) -> Path | None:
     pts = [(r.shard_bytes / 2**20, r.speed["decode_s_per_token"], r.variant) for r in rows if r.speed and r.shard_bytes]
     if not pts:
-        return False
+        return None
     plt = _plt()
+    if plt is None:
+        return svg_scatter(pts, out.with_suffix(".svg"), title=title, xlabel="size on disk (MiB)",
+                           ylabel="decode s/token (lower is better)", y_from_zero=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:orange", zorder=3)
     for x, y, name in pts:
@@ -281,7 +307,66 @@ def plot_speed(rows: list[Row], out: Path, title: str) -> bool:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
-    return True
+    return out
+
+
+# the SVG plot's canvas and margins, in pixels (matplotlib's 6.4 x 4.2 inch figure at 100 dpi)
+_SVG_W, _SVG_H, _SVG_L, _SVG_R, _SVG_T, _SVG_B = 640, 420, 70, 20, 36, 50
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About n round tick values covering lo..hi (1, 2 or 5 times a power of ten apart)."""
+    span = hi - lo if hi > lo else abs(hi) or 1.0
+    raw = span / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    start = math.floor(lo / step) * step
+    return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
+
+
+def svg_scatter(pts: list[tuple[float, float, str]], out: Path, *, title: str, xlabel: str, ylabel: str,
+                hline: tuple[float, str] | None = None, y_from_zero: bool = False) -> Path:
+    """A labelled scatter plot as a standalone SVG, for machines without matplotlib."""
+    xs = [p[0] for p in pts]
+    ys = [p[1] for p in pts] + ([hline[0]] if hline else [])
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = (0.0 if y_from_zero else min(ys)), max(ys)
+    # 15% margins around the points, as the PNG's ax.margins(0.15)
+    pad_x, pad_y = 0.15 * ((x1 - x0) or abs(x1) or 1), 0.15 * ((y1 - y0) or abs(y1) or 1)
+    x0, x1, y1 = x0 - pad_x, x1 + pad_x, y1 + pad_y
+    y0 = y0 if y_from_zero else y0 - pad_y
+    w, h = _SVG_W - _SVG_L - _SVG_R, _SVG_H - _SVG_T - _SVG_B
+
+    def px(x: float) -> float:
+        return _SVG_L + (x - x0) / (x1 - x0) * w
+
+    def py(y: float) -> float:
+        return _SVG_T + (y1 - y) / (y1 - y0) * h
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_SVG_W}" height="{_SVG_H}" font-family="sans-serif" font-size="11">',
+             f'<rect width="{_SVG_W}" height="{_SVG_H}" fill="white"/>',
+             f'<text x="{_SVG_W / 2}" y="20" text-anchor="middle" font-size="13">{escape(title)}</text>',
+             f'<rect x="{_SVG_L}" y="{_SVG_T}" width="{w}" height="{h}" fill="none" stroke="black"/>']
+    for t in _ticks(x0, x1):
+        if x0 <= t <= x1:
+            parts.append(f'<line x1="{px(t):.1f}" y1="{_SVG_T}" x2="{px(t):.1f}" y2="{_SVG_T + h}" stroke="#ddd"/>'
+                         f'<text x="{px(t):.1f}" y="{_SVG_T + h + 16}" text-anchor="middle">{t:g}</text>')
+    for t in _ticks(y0, y1):
+        if y0 <= t <= y1:
+            parts.append(f'<line x1="{_SVG_L}" y1="{py(t):.1f}" x2="{_SVG_L + w}" y2="{py(t):.1f}" stroke="#ddd"/>'
+                         f'<text x="{_SVG_L - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
+    if hline:
+        parts.append(f'<line x1="{_SVG_L}" y1="{py(hline[0]):.1f}" x2="{_SVG_L + w}" y2="{py(hline[0]):.1f}" '
+                     f'stroke="gray" stroke-dasharray="5,4"/><text x="{_SVG_L + w - 4}" y="{py(hline[0]) - 4:.1f}" '
+                     f'text-anchor="end" fill="gray">{escape(hline[1])}</text>')
+    for x, y, name in pts:
+        parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="#1f77b4"><title>{escape(name)}: '
+                     f'{x:.1f} MiB, {y:.4g}</title></circle><text x="{px(x) + 6:.1f}" y="{py(y) - 5:.1f}">{escape(name)}</text>')
+    parts += [f'<text x="{_SVG_L + w / 2}" y="{_SVG_H - 12}" text-anchor="middle">{escape(xlabel)}</text>',
+              f'<text x="16" y="{_SVG_T + h / 2}" text-anchor="middle" transform="rotate(-90 16 {_SVG_T + h / 2})">'
+              f'{escape(ylabel)}</text>', "</svg>"]
+    atomic_write_bytes(out, "\n".join(parts).encode())
+    return out
 
 
 def _slug(s: str) -> str:
@@ -335,16 +420,18 @@ def write_report(paths: list[str | Path], out: str | Path, *, title: str | None 
                 lines.append("")
             suffix = "" if len(settings) == 1 else f"-{i + 1}"
             png = f"ppl_vs_size-{_slug(model)}{suffix}.png"
-            if plot_ppl(rows, setting, out / png, f"{model}: perplexity vs size ({Path(str(source)).name}, ctx {context})"):
-                lines += [f"![perplexity vs size]({png})", ""]
+            plot = plot_ppl(rows, setting, out / png, f"{model}: perplexity vs size ({Path(str(source)).name}, ctx {context})")
+            if plot is not None:
+                lines += [f"![perplexity vs size]({plot.name})", ""]
         if not settings:
             lines += ["No perplexity results.", ""]
         head, body = speed_table(rows)
         if body:
             lines += [f"{'#' if multi else ''}## Speed (`qstream bench`)", "", markdown_table(head, body), ""]
             png = f"speed_vs_size-{_slug(model)}.png"
-            if plot_speed(rows, out / png, f"{model}: decode s/token vs size"):
-                lines += [f"![s/token vs size]({png})", ""]
+            plot = plot_speed(rows, out / png, f"{model}: decode s/token vs size")
+            if plot is not None:
+                lines += [f"![s/token vs size]({plot.name})", ""]
         accs = [(r, t, a) for r in rows for t, a in r.acc.items()]
         if accs and not settings:
             lines += [markdown_table(["variant", "task", "metric", "value"],

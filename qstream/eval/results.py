@@ -48,7 +48,20 @@ def shard_facts(manifest) -> dict:
     total_b, total_p = sum(f.size for f in files), sum(params_of(f) for f in files)
     layer_b, layer_p = sum(f.size for f in layers), sum(params_of(f) for f in layers)
     return {"shard_bytes": total_b, "params": total_p, "bits_per_weight": 8 * total_b / max(total_p, 1),
-            "layer_bytes": layer_b, "layer_params": layer_p, "bits_per_weight_layers": 8 * layer_b / max(layer_p, 1)}
+            "layer_bytes": layer_b, "layer_params": layer_p, "bits_per_weight_layers": 8 * layer_b / max(layer_p, 1),
+            "head": head_storage(manifest)}
+
+
+def head_storage(manifest) -> str | None:
+    """How the output head is stored: 'q8 g64', 'bf16', ... and ', tied: stored once' when the
+    embedding is looked up from it (None when the shards store no head matrix)."""
+    head = next((f for f in manifest.files if f.kind == "head"), None)
+    name = (manifest.embedding or {}).get("tensor", "lm_head.weight")
+    meta = head.tensors.get(name) if head is not None else None
+    if meta is None:
+        return None
+    block = f" g{meta['block_size']}" if meta.get("block_size") else ""
+    return f"{meta['scheme']}{block}" + (", tied: stored once" if manifest.embedding is not None else "")
 
 
 def variant_name(recipe: dict) -> str:

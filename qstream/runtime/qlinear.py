@@ -24,13 +24,21 @@ class QLinear(nn.Module):
         self.stats = stats  # set to a Stats to time dequantization with CUDA events
         self.fused = True  # use a scheme's fused single-row kernel when it has one
         self.shared = None  # (FusedGemv, index) when this layer's rows are joined with its siblings' (fuse.py)
+        self.keep_dense = False  # dequantize once and keep the result (the head on CPU, see build.py)
+        self._dense: torch.Tensor | None = None
 
     def bind(self, packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> None:
         self.packed = packed
         self.bias_t = bias
+        self._dense = None
 
     def weight_dense(self) -> torch.Tensor:
-        return self.scheme.dequantize(self.packed, self.meta, dtype=self.compute_dtype)  # [out, in]
+        if self._dense is not None:
+            return self._dense
+        w = self.scheme.dequantize(self.packed, self.meta, dtype=self.compute_dtype)  # [out, in]
+        if self.keep_dense:
+            self._dense = w
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         if not self.packed:

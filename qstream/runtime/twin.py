@@ -22,6 +22,8 @@ def dense_state_dict(path: str | Path, *, dtype: torch.dtype | None = None) -> d
         raw = read_file(m.path(e), expected_size=e.size)
         for name, meta in e.tensors.items():
             sd[name] = dequantize(unpack_stored(meta, raw), meta, dtype=dtype)
+    if m.embedding is not None:  # a tied matrix stored once: the embedding is the head's tensor
+        sd[m.embedding["name"]] = sd[m.embedding["tensor"]]
     return sd
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import torch
 
@@ -77,6 +78,10 @@ def check_structure(root, data: dict) -> None:
     if not isinstance(sums, dict) or not all(isinstance(v, dict) and isinstance(v.get("size"), int)
                                              and isinstance(v.get("sha256"), str) for v in sums.values()):
         raise _bad(root, "field 'tokenizer_checksums' must map file names to {size, sha256}")
+    emb = data.get("embedding")
+    if emb is not None and not (isinstance(emb, dict) and emb.get("from") == "head"
+                                and all(isinstance(emb.get(k), str) and emb.get(k) for k in ("tensor", "name"))):
+        raise _bad(root, "field 'embedding' must be {\"from\": \"head\", \"tensor\": NAME, \"name\": NAME}")
     for i, f in enumerate(data["files"]):
         where = f"files[{i}]"
         if not isinstance(f, dict):
@@ -145,9 +150,12 @@ def manifest_problems(m) -> list[str]:
                 out.append(f"{f.name}: tensor {t} has unknown scheme {meta['scheme']!r}")
             if f.kind in INDEXED and not t.startswith(f"{m.layers_prefix}.{f.index}."):
                 out.append(f"{f.name}: tensor {t} does not belong to layer {f.index}")
+    emb = m.embedding
     for kind in ("embed", "head"):
-        if (kind, None) not in seen:
+        if (kind, None) not in seen and not (kind == "embed" and emb is not None):  # a tied embedding may be all it held
             out.append(f"no {kind} file")
+    if emb is not None:
+        out += _embedding_problems(files, emb)
     missing = [i for i in range(max(n, 0)) if ("layer", i) not in seen]
     if missing:
         out.append(f"no file for layer{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing[:5]))}"
@@ -179,6 +187,20 @@ def draft_problems(m) -> list[str]:
         for t, meta in f.tensors.items():
             if meta["shape"] != own[t]["shape"]:
                 out.append(f"{f.name}: {t} has shape {meta['shape']}, its layer file {own[t]['shape']}")
+    return out
+
+
+def _embedding_problems(files, emb: dict) -> list[str]:
+    """The embedding stored once as the head: its tensor is a 2-D tensor of the head file, and the
+    embedding is not stored a second time."""
+    head = next((f for f in files if f.kind == "head"), None)
+    meta = head.tensors.get(emb["tensor"]) if head is not None else None
+    out = []
+    if head is not None and (meta is None or len(meta["shape"]) != 2):
+        out.append(f"the embedding is stored as {emb['tensor']}, which {head.name} does not hold as a matrix")
+    twice = next((f.name for f in files if emb["name"] in f.tensors), None)
+    if twice:
+        out.append(f"{twice} stores {emb['name']}, which the manifest says is stored once as {emb['tensor']}")
     return out
 
 
@@ -247,7 +269,13 @@ def shape_problems(m, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """Every stored tensor is a parameter of the model with the same shape, and every parameter is stored."""
     out = []
     stored = {}
-    for f in m.files:
+    files = m.files
+    emb = m.embedding
+    if emb is not None:  # the embedding is the head's tensor: check it like a stored tensor of that shape
+        head = next((f for f in files if f.kind == "head"), None)
+        if head is not None and emb["tensor"] in head.tensors:
+            files = files + [replace(head, tensors={emb["name"]: head.tensors[emb["tensor"]]})]
+    for f in files:
         for name, meta in f.tensors.items():
             stored[name] = f.name
             if name not in shapes:

@@ -3,7 +3,8 @@
     DIR/manifest.json            written last, atomically: its presence means "complete"
     DIR/embed.safetensors        token embeddings
     DIR/layer_000.safetensors    one file per decoder layer (full HF tensor names)
-    DIR/head.safetensors         final norm and output head
+    DIR/head.safetensors         final norm and output head (tied models: the one stored copy of the
+                                 embedding/head matrix, named by the optional "embedding" field)
     DIR/draft_000.safetensors    optional: a low-bit copy of layer 0, the speculative draft (shard_draft.py)
     DIR/tokenizer files          copied from the source
     DIR/.journal.json            progress of an unfinished run (resume), removed at the end
@@ -99,6 +100,12 @@ class Manifest:
         return int(v) if v else None
 
     @property
+    def embedding(self) -> dict | None:
+        """Tied models sharded with the matrix stored once: {"from": "head", "tensor": the head file's
+        tensor, "name": the embedding parameter it also is}. None: the embedding is stored as itself."""
+        return self.data.get("embedding")
+
+    @property
     def files(self) -> list[FileEntry]:
         return [FileEntry.from_dict(f) for f in self.data["files"]]
 
@@ -191,7 +198,8 @@ def write_journal(root: Path, journal: dict) -> None:
 
 def write_manifest(root: Path, *, version: str, fingerprint: str, source: str, config: dict, recipe: dict,
                    compute_dtype: str, layers_prefix: str, tied_head: bool, source_bytes: int, dense_bytes: int,
-                   files: list[FileEntry], tokenizer_files: list[str], tokenizer_checksums: dict[str, dict] | None = None) -> dict[str, Any]:
+                   files: list[FileEntry], tokenizer_files: list[str], tokenizer_checksums: dict[str, dict] | None = None,
+                   embedding: dict | None = None) -> dict[str, Any]:
     """Write manifest.json (last, atomically) and remove the journal: the directory is complete."""
     data = {
         "format": FORMAT,
@@ -205,6 +213,7 @@ def write_manifest(root: Path, *, version: str, fingerprint: str, source: str, c
         "layers_prefix": layers_prefix,
         "num_layers": sum(1 for e in files if e.kind == "layer"),
         "tied_head": tied_head,
+        **({"embedding": embedding} if embedding is not None else {}),
         "source_bytes": source_bytes,
         "dense_bytes": dense_bytes,
         "files": [e.to_dict() for e in files],
