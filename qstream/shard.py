@@ -336,12 +336,14 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
     compute_dtype = DTYPES[recipe.compute_dtype]
 
     unit_files = [f"{unit}.safetensors" for unit in units]
-    if recipe.draft is not None:  # the draft's layer copies are planned with the rest (qstream/shard_draft.py)
-        from .shard_draft import draft_names
-        unit_files += draft_names(units)
     # a file an earlier run wrote is reused only if it holds these tensors in these specs (the same
     # recipe can mean other files after a change in qstream, e.g. the tied embedding stored once)
-    done = {n: e for n, e in journal.get("files", {}).items() if n in unit_files and _same_plan(e, units, specs)}
+    plan = {f"{unit}.safetensors": {n: specs[n] for n in members} for unit, members in units.items()}
+    if recipe.draft is not None:  # the draft's layer copies are planned with the rest (qstream/shard_draft.py)
+        from .shard_draft import draft_names, draft_plan  # shard_draft builds on this module's helpers: no cycle
+        unit_files += draft_names(units)
+        plan.update(draft_plan(recipe, units, shapes))
+    done = {n: e for n, e in journal.get("files", {}).items() if n in unit_files and _same_plan(e, plan)}
     stale = sorted(set(journal.get("files", {})) - set(unit_files))  # files of the old layout, removed at the end
     # the journal names every file this run may create before the first of them exists, so a killed
     # run is resumable and its files are known to be qstream's (--force removes only those)
@@ -398,7 +400,7 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
         bar.update(1)
     bar.close()
     if recipe.draft is not None:
-        from .shard_draft import write_drafts
+        from .shard_draft import write_drafts  # (as above)
         drafts, w, r = write_drafts(recipe, source, out, units, read_as, shapes, journal, dev, compute_dtype, progress)
         entries += drafts
         written, resumed = written + w, resumed + r
@@ -440,13 +442,14 @@ def _tied_embedding_as_stored(source, embedding: dict, spec: QuantSpec, dev: tor
     return {embedding["name"]: dequantize(packed, meta, dtype=torch.float32)}
 
 
-def _same_plan(entry: dict, units: dict[str, list[str]], specs: dict[str, QuantSpec]) -> bool:
-    """A journal/manifest file entry holds exactly the tensors its unit now plans, in the planned specs."""
-    unit = entry.get("name", "").removesuffix(".safetensors")
+def _same_plan(entry: dict, plan: dict[str, dict[str, QuantSpec]]) -> bool:
+    """A journal/manifest file entry holds exactly the tensors ``plan`` (file name -> tensor -> spec)
+    now gives its file, in those specs."""
+    want = plan.get(entry.get("name", ""))
     tensors = entry.get("tensors") or {}
-    if sorted(tensors) != sorted(units.get(unit, [])):
+    if want is None or sorted(tensors) != sorted(want):
         return False
-    return all(meta.get("scheme") == specs[n].scheme and meta.get("block_size") == specs[n].block_size
+    return all(meta.get("scheme") == want[n].scheme and meta.get("block_size") == want[n].block_size
                for n, meta in tensors.items())
 
 

@@ -53,6 +53,11 @@ def draft_spec(recipe: Recipe, name: str, shape: torch.Size) -> QuantSpec:
     return QuantSpec(KEEP_SCHEME[recipe.compute_dtype])
 
 
+def draft_plan(recipe: Recipe, units: dict[str, list[str]], shapes: dict) -> dict[str, dict[str, QuantSpec]]:
+    """Draft file name -> its tensors' specs (what a resumed draft file must hold)."""
+    return {draft_name(i): {n: draft_spec(recipe, n, shapes[n]) for n in names} for i, names in layer_units(units).items()}
+
+
 def write_drafts(recipe: Recipe, source, out: Path, units: dict[str, list[str]], read_as: dict[str, str],
                  shapes: dict, journal: dict, dev: torch.device, compute_dtype: torch.dtype,
                  progress: bool) -> tuple[list[FileEntry], int, int]:
