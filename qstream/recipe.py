@@ -12,6 +12,7 @@
     calibration:                   # optional: GPTQ for the q2 ... q8 weights of decoder layers
       text_file: eval/data/calib.txt
       tokens: 4096
+      method: gptq                 # or imatrix (importance-weighted grids, no error feedback)
 
 
 Only 2-D weights of linear layers are quantized; norms, biases and embeddings are
@@ -35,7 +36,10 @@ from .quant import SCHEMES, QuantSpec, check_spec, get_scheme
 _TOP_KEYS = {"model": str, "output": str, "scheme": str, "block_size": int, "group_size": int, "compute_dtype": str,
              "overrides": list, "description": str, "calibration": dict,
              "target_bits_per_weight": (int, float)}
-_CALIBRATION_KEYS = {"text_file": str, "tokens": int}
+_CALIBRATION_KEYS = {"text_file": str, "tokens": int, "method": str}
+# gptq: error feedback through the input Hessian; imatrix: each group's grid fitted to the error
+# weighted by its columns' mean squared input (llama.cpp's importance matrix), no feedback
+CALIBRATION_METHODS = ("gptq", "imatrix")
 DEFAULT_CALIBRATION_TOKENS = 4096  # 8 sequences of 512: GPTQ's usual 128 x 2048 is ~60x more, but the
 # Hessians of a 135M-0.5B model's linears (in_features <= 4864) are well conditioned with 4k tokens after damping
 # the candidate schemes of target_bits_per_weight, at the recipe's group size
@@ -60,6 +64,7 @@ class Calibration:
 
     text_file: str
     tokens: int = DEFAULT_CALIBRATION_TOKENS
+    method: str = "gptq"
 
 
 @dataclass(frozen=True)
@@ -199,7 +204,10 @@ def _calibration(source: str, c: dict) -> Calibration:
     if path.stat().st_size < tokens:
         raise RecipeError(f"{where}.text_file: {path} has {path.stat().st_size} bytes, fewer than the "
                           f"{tokens} tokens asked for; use a longer text or fewer tokens")
-    return Calibration(str(path), tokens)
+    method = c.get("method", "gptq")
+    if method not in CALIBRATION_METHODS:
+        raise RecipeError(f"{where}.method: {method!r} is not supported; use one of {', '.join(CALIBRATION_METHODS)}")
+    return Calibration(str(path), tokens, method)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -354,7 +354,8 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
         if cal is not None and unit != "head":
             # calibration carries activations through every layer: compute even a resumed unit
             # (deterministic), write it only if it is not intact
-            tensors, metas = _calibrated_unit(cal, unit, members, source, read_as, specs, dev, compute_dtype)
+            tensors, metas = _calibrated_unit(cal, unit, members, source, read_as, specs, dev, compute_dtype,
+                                              recipe.calibration.method)
             moved += sum(math.prod(shapes[n]) * 4 for n in members)
             if _intact(path, done.get(fname)):
                 entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
@@ -453,11 +454,14 @@ def _allocate_specs(recipe: Recipe, source, prefix: str, units: dict[str, list[s
 
 
 def _quantize_tensor(w: torch.Tensor, spec: QuantSpec, dev: torch.device, compute_dtype: torch.dtype,
-                     hessian: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                     hessian: torch.Tensor | None = None, method: str = "gptq") -> tuple[dict[str, torch.Tensor], dict]:
     """One source tensor -> (packed, meta). Quantized schemes run on ``dev`` (fast on CUDA); pass-through
-    keeps floats in the compute dtype; an affine scheme with a calibration Hessian uses GPTQ."""
+    keeps floats in the compute dtype; an affine scheme with a calibration Hessian uses GPTQ
+    (``method`` gptq) or the importance-weighted fit with diag(H) as importance (``imatrix``)."""
     scheme = get_scheme(spec.scheme)
     if hessian is not None and isinstance(scheme, Affine):
+        if method == "imatrix":
+            return scheme.quantize(w.to(dev), spec.block_size, importance=torch.diagonal(hessian).to(dev))
         return gptq_quantize(w.to(dev), hessian.to(dev), scheme.bits, spec.block_size, scheme=spec.scheme)
     if scheme.quantized:
         return quantize(w.to(dev), spec)
@@ -486,20 +490,45 @@ def _calibrator(recipe: Recipe, source, prefix: str, dev: torch.device) -> Calib
     return Calibrator(source.config, ids, prefix, dev)
 
 
+# GPTQ's true-sequential option: measured on SmolLM2-135M q4 g64 (see eval/results/quant-quality/README.md)
+TRUE_SEQUENTIAL = True
+
+
 def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, read_as: dict[str, str],
-                     specs: dict[str, QuantSpec], dev: torch.device, compute_dtype: torch.dtype):
+                     specs: dict[str, QuantSpec], dev: torch.device, compute_dtype: torch.dtype,
+                     method: str = "gptq"):
     """Embeddings: stored as usual, and they start the calibration. Layer i: its linears' Hessians on
     the current (already-quantized-upstream) activations, GPTQ for affine schemes, then the layer as
     stored (dequantized) produces layer i+1's inputs."""
     raw = {n: _read_source(source, read_as[n]) for n in members}
-    hessians = cal.collect(int(unit.split("_")[1]), raw) if unit.startswith("layer_") else {}
     tensors, metas, runtime = {}, {}, {}
-    for n in members:
-        packed, meta = _quantize_tensor(raw[n], specs[n], dev, compute_dtype, hessians.get(n))
+
+    def store(n: str, hessian: torch.Tensor | None) -> None:
+        packed, meta = _quantize_tensor(raw[n], specs[n], dev, compute_dtype, hessian, method)
         runtime[n] = dequantize(packed, meta, dtype=torch.float32) if raw[n].is_floating_point() else raw[n]
         keyed, meta["stored"] = pack_stored(n, {k: t.contiguous().cpu() for k, t in packed.items()})
         tensors.update(keyed)
         metas[n] = meta
+
+    hessians: dict[str, torch.Tensor] = {}
+    if unit.startswith("layer_"):
+        i = int(unit.split("_")[1])
+        # true-sequential (GPTQ's option): the linears of one stage (q/k/v, then o, gate/up, down) get
+        # their Hessians from inputs that went through the already-quantized stages of this layer
+        todo = [n for n in members if isinstance(get_scheme(specs[n].scheme), Affine) and raw[n].dim() == 2]
+        while todo:
+            hessians = cal.collect(i, {**raw, **{n: runtime[n] for n in runtime}})
+            stage = next((s for s in cal.stages if any(n in todo for n in s)), None)
+            now = [n for n in todo if n in hessians and (not TRUE_SEQUENTIAL or stage is None or n in stage)]
+            if not now:
+                break  # weights the forward never used: quantized below without a Hessian
+            for n in now:
+                store(n, hessians[n])
+            todo = [n for n in todo if n not in now]
+    for n in members:
+        if n not in metas:
+            store(n, None)
+    metas = {n: metas[n] for n in members}
     del raw, hessians
     if unit == "embed":
         cal.start(runtime)

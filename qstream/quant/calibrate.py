@@ -59,6 +59,7 @@ class Calibrator:
         self.layers = self.model.get_submodule(layers_prefix)
         self.hidden: torch.Tensor | None = None
         self.kwargs: dict = {}
+        self.stages: list[list[str]] = []
 
     @torch.no_grad()
     def start(self, embed: dict[str, torch.Tensor]) -> None:
@@ -98,12 +99,15 @@ class Calibrator:
     @torch.no_grad()
     def collect(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Layer i with ``tensors`` (its float weights): {weight name: H = X^T X / N [in, in]} of
-        every linear, X its inputs over all calibration tokens."""
+        every linear, X its inputs over all calibration tokens. ``self.stages`` then lists the
+        linears grouped by shared input in execution order (q/k/v, o, gate/up, down), what
+        true-sequential quantization walks through."""
         layer = self._load(i, tensors)
         sums: dict[str, torch.Tensor] = {}
         count = self.hidden.shape[0] * self.hidden.shape[1]
         hooks = []
         last: list = [None, None]  # (input tensor, its X^T X): q/k/v (and gate/up) share one input
+        stages: list[list[str]] = []  # linears grouped by shared input, in execution order
 
         for name, mod in layer.named_modules():
             if isinstance(mod, nn.Linear):
@@ -113,6 +117,9 @@ class Calibrator:
                     if args[0] is not last[0]:  # identity, not address: `last` keeps the tensor alive
                         x = args[0].reshape(-1, args[0].shape[-1]).float()
                         last[0], last[1] = args[0], x.T @ x
+                        stages.append([])
+                    if key not in stages[-1]:
+                        stages[-1].append(key)
                     sums[key] = sums[key] + last[1] if key in sums else last[1]
 
                 hooks.append(mod.register_forward_pre_hook(hook))
@@ -121,6 +128,7 @@ class Calibrator:
         finally:
             for h in hooks:
                 h.remove()
+        self.stages = stages
         return {k: v / count for k, v in sums.items()}  # a new tensor per key: shared sums stay unchanged
 
     @torch.no_grad()
