@@ -44,6 +44,9 @@ DEFAULT_CALIBRATION_TOKENS = 4096  # 8 sequences of 512: GPTQ's usual 128 x 2048
 # Hessians of a 135M-0.5B model's linears (in_features <= 4864) are well conditioned with 4k tokens after damping
 # the candidate schemes of target_bits_per_weight, at the recipe's group size
 TARGET_CANDIDATES = ("q3", "q4", "q5", "q6", "q8")
+# ... and these also at twice the recipe's group size (when supported): a wide-input weight (down_proj)
+# at q4 g128 costs 4.25 bits instead of 4.5, bits the knapsack can spend on a sensitive weight
+TARGET_WIDE_GROUP = ("q3", "q4", "q5")
 MIN_TARGET_BITS, MAX_TARGET_BITS = 3.25, 8.5  # q3 and q8 at groups of 128 (their float16 scale+min cost 0.25)
 _OVERRIDE_KEYS = {"pattern": str, "scheme": str, "block_size": int, "group_size": int}
 # `group_size` is the usual name for the block of group-quantization schemes (q2 ... q8); it is

@@ -36,10 +36,10 @@ from .dtypes import DTYPES, KEEP_SCHEME
 from .errors import ShardError, SourceError
 from .quant import QuantSpec, dequantize, get_scheme, quantize
 from .quant.affine import Affine
-from .quant.calibrate import Calibrator, calibration_ids
+from .quant.calibrate import Calibrator, calibration_ids, loss_sensitivity
 from .quant.gptq import gptq_quantize
 from .quant.mixed import allocate, options_for
-from .recipe import TARGET_CANDIDATES, Recipe
+from .recipe import TARGET_CANDIDATES, TARGET_WIDE_GROUP, Recipe
 from .source import ALIASES, open_source, smollm2_gguf, split_units
 from .store.files import atomic_write_bytes, fsync_dir, safe_member, sha256_file
 from .store.integrity import fast_digest
@@ -415,26 +415,20 @@ def _intact(path: Path, entry: dict | None) -> bool:
 def _allocate_specs(recipe: Recipe, source, prefix: str, units: dict[str, list[str]], shapes: dict[str, torch.Size],
                     specs: dict[str, QuantSpec], read_as: dict[str, str], dev: torch.device) -> dict[str, QuantSpec]:
     """target_bits_per_weight: every quantizable weight that no override names gets the candidate
-    scheme (TARGET_CANDIDATES at the recipe's group size) that, over all those weights, minimizes
+    scheme (TARGET_CANDIDATES at the recipe's group size, TARGET_WIDE_GROUP at twice it) that, over all those weights, minimizes
     the summed squared weight error within target x their parameter count bits (quant/mixed.py's
     exact knapsack). Reads each such weight once more and quantizes it with every candidate."""
     free = [n for unit, members in units.items() for n in members
             if is_quantizable(n, shapes[n], unit) and recipe.spec_for(n.removesuffix(".weight"))[1] is None]
     candidates = [QuantSpec(s, recipe.block_size) for s in TARGET_CANDIDATES]
-    scale: dict[str, torch.Tensor] = {}
+    wide = 2 * recipe.block_size
+    candidates += [QuantSpec(s, wide) for s in TARGET_WIDE_GROUP if wide in get_scheme(s).block_sizes]
+    scale: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if recipe.calibration is not None:
-        # a pass of the unquantized model over the calibration text: each linear's column errors are
-        # weighted by the mean squared input of that column (the output error, up to correlations)
+        # forward and backward passes of the unquantized model over the calibration text: each
+        # weight's error is weighted by its inputs' second moments and its outputs' loss gradients
         cal = _calibrator(recipe, source, prefix, dev)
-        cal.start({n: _read_source(source, read_as[n]) for n in units["embed"]})
-        for unit, members in units.items():
-            if unit.startswith("layer_"):
-                scale.update(cal.moments(int(unit.split("_")[1]), {n: _read_source(source, read_as[n]) for n in members}))
-        norm = {n: _read_source(source, read_as[n]) for n in units["head"] if len(shapes[n]) == 1 and "norm" in n}
-        heads = [n for n in units["head"] if is_quantizable(n, shapes[n], "head")]
-        if norm and heads:
-            s_head = cal.head_moments(norm)
-            scale.update({n: s_head for n in heads})
+        scale = loss_sensitivity(source.config, lambda n: _read_source(source, read_as.get(n, n)), cal.ids, dev)
         missing = [n for n in free if n not in scale]
         if missing:  # errors weighted and unweighted would not compare
             raise ShardError(f"target_bits_per_weight with calibration: no calibration inputs for {missing[0]}; "
@@ -442,7 +436,9 @@ def _allocate_specs(recipe: Recipe, source, prefix: str, units: dict[str, list[s
         del cal
     choices = {}
     for n in tqdm(free, desc="measure schemes", unit="weight", disable=not log.isEnabledFor(logging.INFO)):
-        choices[n] = options_for(_read_source(source, read_as[n]).to(dev), candidates, input_scale=scale.get(n))
+        out_scale, in_scale = scale.get(n, (None, None))
+        choices[n] = options_for(_read_source(source, read_as[n]).to(dev), candidates, input_scale=in_scale,
+                                 output_scale=out_scale)
     budget = int(recipe.target_bits_per_weight * sum(math.prod(shapes[n]) for n in free))
     picked = allocate(choices, budget)
     mix: dict[str, int] = {}
@@ -490,7 +486,7 @@ def _calibrator(recipe: Recipe, source, prefix: str, dev: torch.device) -> Calib
     return Calibrator(source.config, ids, prefix, dev)
 
 
-# GPTQ's true-sequential option: measured on SmolLM2-135M q4 g64 (see eval/results/quant-quality/README.md)
+# GPTQ's true-sequential option (GPTQ only; the imatrix fit takes every importance from one pass)
 TRUE_SEQUENTIAL = True
 
 
@@ -519,7 +515,8 @@ def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, rea
         while todo:
             hessians = cal.collect(i, {**raw, **{n: runtime[n] for n in runtime}})
             stage = next((s for s in cal.stages if any(n in todo for n in s)), None)
-            now = [n for n in todo if n in hessians and (not TRUE_SEQUENTIAL or stage is None or n in stage)]
+            staged = TRUE_SEQUENTIAL and method == "gptq"  # imatrix: one pass, as llama.cpp collects it
+            now = [n for n in todo if n in hessians and (not staged or stage is None or n in stage)]
             if not now:
                 break  # weights the forward never used: quantized below without a Hessian
             for n in now:

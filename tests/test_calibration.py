@@ -189,7 +189,7 @@ def test_target_bits_per_weight_overrides_still_win_and_bad_values(tmp_path):
 
 
 def test_target_bits_per_weight_with_calibration(tiny_with_text, tmp_path):
-    """Column errors weighted by calibration input moments (head included); the budget holds."""
+    """Errors weighted by calibration input moments and output loss gradients (head included); the budget holds."""
     m, text = tiny_with_text
     r = parse_recipe({"model": str(m), "output": str(tmp_path / "o"), "group_size": 64, "scheme": "q4",
                       "compute_dtype": "float32", "target_bits_per_weight": 4.5,
@@ -197,3 +197,19 @@ def test_target_bits_per_weight_with_calibration(tiny_with_text, tmp_path):
     shard(r, progress=False)
     bits, params, _, _ = _linear_bits_and_error(tmp_path / "o", m)
     assert bits <= 4.5 * params
+
+
+def test_loss_sensitivity_covers_every_linear(tiny_with_text):
+    from qstream.quant.calibrate import loss_sensitivity
+    from qstream.source import open_source
+
+    m, _ = tiny_with_text
+    src = open_source(str(m))
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(5))
+    sens = loss_sensitivity(src.config, src.read, ids)
+    linears = {n for n in src.names if n.endswith("proj.weight") or n == "lm_head.weight"}
+    assert linears and linears <= set(sens)
+    for n in linears:
+        out_s, in_s = sens[n]
+        assert out_s.shape == (src.shapes[n][0],) and in_s.shape == (src.shapes[n][1],)
+        assert bool((out_s >= 0).all() and (in_s >= 0).all()) and float(out_s.sum()) > 0 and float(in_s.sum()) > 0

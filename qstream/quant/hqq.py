@@ -167,7 +167,7 @@ def fit(x: torch.Tensor, bits: int, *, mask: torch.Tensor | None = None, cfg: Fi
 # weighted least-squares (scale, min) for its codes; llama.cpp uses -1, 0.1, 20. We search a wider
 # band (qmax - 2 .. qmax + 1): the extra candidates with fewer levels clip the outer weights, which
 # pays when their importance is low (AWQ's clip search does the same by shrinking the range).
-RMIN, RDELTA, NSTEP = -2.0, 0.1, 31
+RMIN, RDELTA, NSTEP = -2.0, 0.2, 16  # 0.2 instead of 0.1: half the time, +0.2% weighted error (4-bit)
 REFITS = 4  # codes <-> least-squares alternations after the search (llama.cpp: 1 .. 10, stops when stuck)
 
 
