@@ -9,7 +9,7 @@
       - {pattern: lm_head, scheme: bf16}
       - {pattern: "model.layers.0.*", scheme: int8}
     target_bits_per_weight: 4.0    # optional: per-weight schemes chosen to this size (see quant/mixed.py)
-    calibration:                   # optional: GPTQ for the q2 ... q8 weights of decoder layers
+    calibration:                   # optional: GPTQ or imatrix for the q2 ... q8 weights of decoder layers
       text_file: eval/data/calib.txt
       tokens: 4096
       method: gptq                 # or imatrix (importance-weighted grids, no error feedback)

@@ -3,7 +3,9 @@
 Each row of a weight is cut into groups of ``block_size`` (the group size); a group
 stores b-bit codes and a grid ``w = code * scale + min`` fitted without calibration data
 (:mod:`.hqq`: HQQ's proximal solver plus a least-squares refit, never worse than
-round-to-nearest). Rows whose length is not a multiple of the group size are padded
+round-to-nearest), or, with calibration (``importance`` per input column, shard's
+``calibration: {method: imatrix}``), by :func:`.hqq.fit_weighted` on the importance-weighted
+error. Rows whose length is not a multiple of the group size are padded
 internally with their last value; the padding is masked out of the fit and cut off on
 dequantization.
 
