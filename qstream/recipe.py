@@ -9,9 +9,10 @@
       - {pattern: lm_head, scheme: bf16}
       - {pattern: "model.layers.0.*", scheme: int8}
     target_bits_per_weight: 4.0    # optional: per-weight schemes chosen to this size (see quant/mixed.py)
-    calibration:                   # optional: GPTQ for the q2 ... q8 weights of decoder layers
+    calibration:                   # optional: GPTQ or imatrix for the q2 ... q8 weights of decoder layers
       text_file: eval/data/calib.txt
       tokens: 4096
+      method: gptq                 # or imatrix (importance-weighted grids, no error feedback)
     draft: {scheme: q3, group_size: 64}  # optional: a low-bit copy of the decoder layers in the same
                                    # directory, the draft of self-speculative decoding (see shard_draft.py)
     tied_head: {scheme: q8, group_size: 64}   # optional, models with tied embeddings: the scheme of the
@@ -39,11 +40,17 @@ from .quant import SCHEMES, QuantSpec, check_spec, get_scheme
 _TOP_KEYS = {"model": str, "output": str, "scheme": str, "block_size": int, "group_size": int, "compute_dtype": str,
              "overrides": list, "description": str, "calibration": dict,
              "target_bits_per_weight": (int, float), "draft": dict, "tied_head": (str, dict)}
-_CALIBRATION_KEYS = {"text_file": str, "tokens": int}
+_CALIBRATION_KEYS = {"text_file": str, "tokens": int, "method": str}
+# gptq: error feedback through the input Hessian; imatrix: each group's grid fitted to the error
+# weighted by its columns' mean squared input (llama.cpp's importance matrix), no feedback
+CALIBRATION_METHODS = ("gptq", "imatrix")
 DEFAULT_CALIBRATION_TOKENS = 4096  # 8 sequences of 512: GPTQ's usual 128 x 2048 is ~60x more, but the
 # Hessians of a 135M-0.5B model's linears (in_features <= 4864) are well conditioned with 4k tokens after damping
 # the candidate schemes of target_bits_per_weight, at the recipe's group size
 TARGET_CANDIDATES = ("q3", "q4", "q5", "q6", "q8")
+# ... and these also at twice the recipe's group size (when supported): a wide-input weight (down_proj)
+# at q4 g128 costs 4.25 bits instead of 4.5, bits the knapsack can spend on a sensitive weight
+TARGET_WIDE_GROUP = ("q3", "q4", "q5")
 MIN_TARGET_BITS, MAX_TARGET_BITS = 3.25, 8.5  # q3 and q8 at groups of 128 (their float16 scale+min cost 0.25)
 _DRAFT_KEYS = {"scheme": str, "block_size": int, "group_size": int}
 # a draft must be much cheaper than the target to pay: 2 to 4 bits (fitted affine groups, or nf4)
@@ -75,6 +82,7 @@ class Calibration:
 
     text_file: str
     tokens: int = DEFAULT_CALIBRATION_TOKENS
+    method: str = "gptq"
 
 
 @dataclass(frozen=True)
@@ -283,7 +291,10 @@ def _calibration(source: str, c: dict) -> Calibration:
     if path.stat().st_size < tokens:
         raise RecipeError(f"{where}.text_file: {path} has {path.stat().st_size} bytes, fewer than the "
                           f"{tokens} tokens asked for; use a longer text or fewer tokens")
-    return Calibration(str(path), tokens)
+    method = c.get("method", "gptq")
+    if method not in CALIBRATION_METHODS:
+        raise RecipeError(f"{where}.method: {method!r} is not supported; use one of {', '.join(CALIBRATION_METHODS)}")
+    return Calibration(str(path), tokens, method)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

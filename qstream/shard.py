@@ -36,10 +36,10 @@ from .dtypes import DTYPES, KEEP_SCHEME
 from .errors import ShardError, SourceError
 from .quant import QuantSpec, dequantize, get_scheme, quantize
 from .quant.affine import Affine
-from .quant.calibrate import Calibrator, calibration_ids
+from .quant.calibrate import Calibrator, calibration_ids, loss_sensitivity
 from .quant.gptq import gptq_quantize
 from .quant.mixed import allocate, options_for
-from .recipe import TARGET_CANDIDATES, Recipe
+from .recipe import TARGET_CANDIDATES, TARGET_WIDE_GROUP, Recipe
 from .source import ALIASES, open_source, smollm2_gguf, split_units
 from .store.files import atomic_write_bytes, fsync_dir, safe_member, sha256_file
 from .store.integrity import fast_digest
@@ -366,7 +366,7 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
             # calibration carries activations through every layer: compute even a resumed unit
             # (deterministic), write it only if it is not intact
             tensors, metas = _calibrated_unit(cal, unit, members, source, read_as, specs, dev, compute_dtype,
-                                              tied_start)
+                                              tied_start, recipe.calibration.method)
             moved += sum(math.prod(shapes[n]) * 4 for n in members)
             if _intact(path, done.get(fname)):
                 entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
@@ -468,7 +468,7 @@ def _intact(path: Path, entry: dict | None) -> bool:
 def _allocate_specs(recipe: Recipe, source, prefix: str, units: dict[str, list[str]], shapes: dict[str, torch.Size],
                     specs: dict[str, QuantSpec], read_as: dict[str, str], dev: torch.device) -> dict[str, QuantSpec]:
     """target_bits_per_weight: every quantizable weight that no override names gets the candidate
-    scheme (TARGET_CANDIDATES at the recipe's group size) that, over all those weights, minimizes
+    scheme (TARGET_CANDIDATES at the recipe's group size, TARGET_WIDE_GROUP at twice it) that, over all those weights, minimizes
     the summed squared weight error within target x their parameter count bits (quant/mixed.py's
     exact knapsack). Reads each such weight once more and quantizes it with every candidate."""
     tied = read_as.get(TIED_HEAD, TIED_HEAD) != TIED_HEAD  # the embedding stored once as the head
@@ -477,21 +477,14 @@ def _allocate_specs(recipe: Recipe, source, prefix: str, units: dict[str, list[s
             if is_quantizable(n, shapes[n], unit) and recipe.spec_for(n.removesuffix(".weight"))[1] is None
             and not (tied and n == TIED_HEAD)]
     candidates = [QuantSpec(s, recipe.block_size) for s in TARGET_CANDIDATES]
-    scale: dict[str, torch.Tensor] = {}
+    wide = 2 * recipe.block_size
+    candidates += [QuantSpec(s, wide) for s in TARGET_WIDE_GROUP if wide in get_scheme(s).block_sizes]
+    scale: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if recipe.calibration is not None:
-        # a pass of the unquantized model over the calibration text: each linear's column errors are
-        # weighted by the mean squared input of that column (the output error, up to correlations)
+        # forward and backward passes of the unquantized model over the calibration text: each
+        # weight's error is weighted by its inputs' second moments and its outputs' loss gradients
         cal = _calibrator(recipe, source, prefix, dev)
-        embeds = units.get("embed", []) + ([read_as[TIED_HEAD]] if tied else [])
-        cal.start({n: _read_source(source, n) for n in embeds})
-        for unit, members in units.items():
-            if unit.startswith("layer_"):
-                scale.update(cal.moments(int(unit.split("_")[1]), {n: _read_source(source, read_as[n]) for n in members}))
-        norm = {n: _read_source(source, read_as[n]) for n in units["head"] if len(shapes[n]) == 1 and "norm" in n}
-        heads = [n for n in units["head"] if is_quantizable(n, shapes[n], "head")]
-        if norm and heads:
-            s_head = cal.head_moments(norm)
-            scale.update({n: s_head for n in heads})
+        scale = loss_sensitivity(source.config, lambda n: _read_source(source, read_as.get(n, n)), cal.ids, dev)
         missing = [n for n in free if n not in scale]
         if missing:  # errors weighted and unweighted would not compare
             raise ShardError(f"target_bits_per_weight with calibration: no calibration inputs for {missing[0]}; "
@@ -499,7 +492,9 @@ def _allocate_specs(recipe: Recipe, source, prefix: str, units: dict[str, list[s
         del cal
     choices = {}
     for n in tqdm(free, desc="measure schemes", unit="weight", disable=not log.isEnabledFor(logging.INFO)):
-        choices[n] = options_for(_read_source(source, read_as[n]).to(dev), candidates, input_scale=scale.get(n))
+        out_scale, in_scale = scale.get(n, (None, None))
+        choices[n] = options_for(_read_source(source, read_as[n]).to(dev), candidates, input_scale=in_scale,
+                                 output_scale=out_scale)
     budget = int(recipe.target_bits_per_weight * sum(math.prod(shapes[n]) for n in free))
     picked = allocate(choices, budget)
     mix: dict[str, int] = {}
@@ -511,11 +506,14 @@ def _allocate_specs(recipe: Recipe, source, prefix: str, units: dict[str, list[s
 
 
 def _quantize_tensor(w: torch.Tensor, spec: QuantSpec, dev: torch.device, compute_dtype: torch.dtype,
-                     hessian: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                     hessian: torch.Tensor | None = None, method: str = "gptq") -> tuple[dict[str, torch.Tensor], dict]:
     """One source tensor -> (packed, meta). Quantized schemes run on ``dev`` (fast on CUDA); pass-through
-    keeps floats in the compute dtype; an affine scheme with a calibration Hessian uses GPTQ."""
+    keeps floats in the compute dtype; an affine scheme with a calibration Hessian uses GPTQ
+    (``method`` gptq) or the importance-weighted fit with diag(H) as importance (``imatrix``)."""
     scheme = get_scheme(spec.scheme)
     if hessian is not None and isinstance(scheme, Affine):
+        if method == "imatrix":
+            return scheme.quantize(w.to(dev), spec.block_size, importance=torch.diagonal(hessian).to(dev))
         return gptq_quantize(w.to(dev), hessian.to(dev), scheme.bits, spec.block_size, scheme=spec.scheme)
     if scheme.quantized:
         return quantize(w.to(dev), spec)
@@ -544,22 +542,47 @@ def _calibrator(recipe: Recipe, source, prefix: str, dev: torch.device) -> Calib
     return Calibrator(source.config, ids, prefix, dev)
 
 
+# GPTQ's true-sequential option (GPTQ only; the imatrix fit takes every importance from one pass)
+TRUE_SEQUENTIAL = True
+
+
 def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, read_as: dict[str, str],
                      specs: dict[str, QuantSpec], dev: torch.device, compute_dtype: torch.dtype,
-                     tied_start: dict[str, torch.Tensor]):
+                     tied_start: dict[str, torch.Tensor], method: str = "gptq"):
     """Embeddings: stored as usual, and they start the calibration (with ``tied_start``, a tied embedding
     stored in the head file, added). Layer i: its linears' Hessians on
     the current (already-quantized-upstream) activations, GPTQ for affine schemes, then the layer as
     stored (dequantized) produces layer i+1's inputs."""
     raw = {n: _read_source(source, read_as[n]) for n in members}
-    hessians = cal.collect(int(unit.split("_")[1]), raw) if unit.startswith("layer_") else {}
     tensors, metas, runtime = {}, {}, {}
-    for n in members:
-        packed, meta = _quantize_tensor(raw[n], specs[n], dev, compute_dtype, hessians.get(n))
+
+    def store(n: str, hessian: torch.Tensor | None) -> None:
+        packed, meta = _quantize_tensor(raw[n], specs[n], dev, compute_dtype, hessian, method)
         runtime[n] = dequantize(packed, meta, dtype=torch.float32) if raw[n].is_floating_point() else raw[n]
         keyed, meta["stored"] = pack_stored(n, {k: t.contiguous().cpu() for k, t in packed.items()})
         tensors.update(keyed)
         metas[n] = meta
+
+    hessians: dict[str, torch.Tensor] = {}
+    if unit.startswith("layer_"):
+        i = int(unit.split("_")[1])
+        # true-sequential (GPTQ's option): the linears of one stage (q/k/v, then o, gate/up, down) get
+        # their Hessians from inputs that went through the already-quantized stages of this layer
+        todo = [n for n in members if isinstance(get_scheme(specs[n].scheme), Affine) and raw[n].dim() == 2]
+        while todo:
+            hessians = cal.collect(i, {**raw, **{n: runtime[n] for n in runtime}})
+            stage = next((s for s in cal.stages if any(n in todo for n in s)), None)
+            staged = TRUE_SEQUENTIAL and method == "gptq"  # imatrix: one pass, as llama.cpp collects it
+            now = [n for n in todo if n in hessians and (not staged or stage is None or n in stage)]
+            if not now:
+                break  # weights the forward never used: quantized below without a Hessian
+            for n in now:
+                store(n, hessians[n])
+            todo = [n for n in todo if n not in now]
+    for n in members:
+        if n not in metas:
+            store(n, None)
+    metas = {n: metas[n] for n in members}
     del raw, hessians
     if unit == "embed":
         cal.start({**runtime, **tied_start})

@@ -54,16 +54,27 @@ VARIANTS: dict[str, tuple[str, int, str | None]] = {
     "q3-g128-headq4": ("q3", 128, "q4"),
     "q2-g64": ("q2", 64, None),
 }
-# GPTQ (calibrated on --calib-text, a different text from the evaluation text) of the same formats
-CALIBRATED = {"gptq-q4-g64-headbf16": "q4-g64-headbf16", "gptq-q3-g64-headbf16": "q3-g64-headbf16",
-              "gptq-q4-g64": "q4-g64", "gptq-q3-g64-headq8": "q3-g64-headq8", "gptq-q4-g64-headq8": "q4-g64-headq8"}
+# calibrated (on --calib-text, a different text from the evaluation text) variants of the same formats:
+# name -> (uniform variant whose format it has, calibration method)
+CALIBRATED = {"gptq-q4-g64-headbf16": ("q4-g64-headbf16", "gptq"), "gptq-q3-g64-headbf16": ("q3-g64-headbf16", "gptq"),
+              "gptq-q4-g64": ("q4-g64", "gptq"), "gptq-q3-g64-headq8": ("q3-g64-headq8", "gptq"),
+              "gptq-q4-g64-headq8": ("q4-g64-headq8", "gptq"),
+              "imatrix-q4-g64-headbf16": ("q4-g64-headbf16", "imatrix"),
+              "imatrix-q3-g64-headbf16": ("q3-g64-headbf16", "imatrix"),
+              "imatrix-q8-g64-headbf16": ("q8-g64-headbf16", "imatrix")}
 VARIANTS["q3-g64-headq8"] = ("q3", 64, "q8")
 VARIANTS["q4-g64-headq8"] = ("q4", 64, "q8")
-# target_bits_per_weight (per-weight scheme among q3..q8, weight-error knapsack) at the size of a uniform variant
+VARIANTS["q8-g64-headbf16"] = ("q8", 64, "bf16")
+VARIANTS["q8-g128-headbf16"] = ("q8", 128, "bf16")
+VARIANTS["q8-g64"] = ("q8", 64, None)
+# target_bits_per_weight (per-weight scheme among q3..q8, knapsack) at the size of a uniform variant
 TARGETED = {"mixed4.5-g64-headbf16": ("q4-g64-headbf16", 4.5), "mixed3.5-g64-headbf16": ("q3-g64-headbf16", 3.5)}
-CALIBRATED["gptq-mixed4.5-g64-headbf16"] = "q4-g64-headbf16"  # both: GPTQ on the schemes the knapsack picks
-TARGETED["gptq-mixed4.5-g64-headbf16"] = ("q4-g64-headbf16", 4.5)
-VARIANTS.update({k: VARIANTS[v] for k, v in CALIBRATED.items()})
+for _m, _base, _t in (("gptq", "q4-g64-headbf16", 4.5), ("imatrix", "q4-g64-headbf16", 4.5),
+                      ("imatrix", "q3-g64-headbf16", 3.5), ("imatrix", "q4-g64-headbf16", 4.0)):
+    # both: the knapsack's errors weighted by calibration inputs, then the method on the schemes it picks
+    CALIBRATED[f"{_m}-mixed{_t}-g64-headbf16"] = (_base, _m)
+    TARGETED[f"{_m}-mixed{_t}-g64-headbf16"] = (_base, _t)
+VARIANTS.update({k: VARIANTS[v] for k, (v, _) in CALIBRATED.items()})
 VARIANTS.update({k: VARIANTS[v] for k, (v, _) in TARGETED.items()})
 DEFAULT = "bf16,q4-g64,q4-g128-headbf16,q4-g64-headbf16,q4-g128-headq5,q3-g128-headq4,q8-g128,nf4-g64,q2-g64,int8-g64"
 
@@ -77,7 +88,7 @@ def recipe_for(model: str, variant: str, out: Path, calib_text: str | None = Non
     if variant in TARGETED:
         data["target_bits_per_weight"] = TARGETED[variant][1]
     if variant in CALIBRATED:
-        data["calibration"] = {"text_file": calib_text, "tokens": calib_tokens}
+        data["calibration"] = {"text_file": calib_text, "tokens": calib_tokens, "method": CALIBRATED[variant][1]}
     return parse_recipe(data, source=f"variant {variant}")
 
 
@@ -161,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             r = perplexity(d, ids, context=a.context, stride=a.context, limit=a.limit, device="cpu", progress=False)
         row = {"variant": v, "scheme": VARIANTS[v][0], "group": VARIANTS[v][1], "head": VARIANTS[v][2] or VARIANTS[v][0],
                "calibration": recipe.calibration and {"text_file": recipe.calibration.text_file,
-                                                      "tokens": recipe.calibration.tokens},
+                                                      "tokens": recipe.calibration.tokens,
+                                                      "method": recipe.calibration.method},
                "fingerprint": recipe.fingerprint(), "limit": a.limit, "bits_per_weight_linear": bpw,
                "bits_per_weight_decoder": bpw_body, "linear_bytes": linear_bytes,
                "shard_bytes": total, "perplexity": r["perplexity"], "tokens_scored": r["tokens_scored"],
@@ -202,11 +214,13 @@ def markdown(r: dict) -> str:
     lines = [f"# {r['name']}: compression quality", "",
              f"Perplexity on `{r['text_file']}`, context {r['context']}, stride {r['stride']}{lim}: "
              f"{r['tokens_scored']} tokens, the same ids for every variant. Machine: {r['machine']}.", "",
-             "| variant | scheme | group | head | bits/weight (decoder linears) | bits/weight (with head) | shard bytes | ratio to bf16 | perplexity | vs bf16 | shard s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | scheme | group | head | calibration | bits/weight (decoder linears) | bits/weight (with head) | shard bytes | ratio to bf16 | perplexity | vs bf16 | shard s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         s = f"{x['shard_seconds']:.0f}" if x["shard_seconds"] is not None else "-"
-        lines.append(f"| {x['variant']} | {x['scheme']} | {x['group']} | {x['head']} | {x['bits_per_weight_decoder']:.3f} | "
+        c = x.get("calibration")
+        cal = f"{c.get('method', 'gptq')} {c['tokens']}" if c else "-"
+        lines.append(f"| {x['variant']} | {x['scheme']} | {x['group']} | {x['head']} | {cal} | {x['bits_per_weight_decoder']:.3f} | "
                      f"{x['bits_per_weight_linear']:.3f} | "
                      f"{x['shard_bytes']:,} | {x['ratio_to_bf16']:.3f} | {x['perplexity']:.4f} | "
                      f"{100 * x['delta_vs_bf16']:+.2f}% | {s} |")

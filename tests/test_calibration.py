@@ -57,13 +57,15 @@ def tiny_with_text(tmp_path) -> tuple[Path, Path]:
     return m, text
 
 
-def test_calibrated_shards_load_and_equal_their_dense_twin(tiny_with_text, tmp_path):
+@pytest.mark.parametrize("method", ["gptq", "imatrix"])
+def test_calibrated_shards_load_and_equal_their_dense_twin(tiny_with_text, tmp_path, method):
     import qstream
     from qstream.runtime.twin import dense_twin
 
     m, text = tiny_with_text
     recipe = parse_recipe({"model": str(m), "output": str(tmp_path / "gptq"), "scheme": "q4", "group_size": 32,
-                           "compute_dtype": "float32", "calibration": {"text_file": str(text), "tokens": 1024}})
+                           "compute_dtype": "float32",
+                           "calibration": {"text_file": str(text), "tokens": 1024, "method": method}})
     shard(recipe, progress=False)
     plain = parse_recipe({"model": str(m), "output": str(tmp_path / "plain"), "scheme": "q4", "group_size": 32,
                           "compute_dtype": "float32"})
@@ -75,7 +77,7 @@ def test_calibrated_shards_load_and_equal_their_dense_twin(tiny_with_text, tmp_p
         want = twin(ids).logits
         torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)
     model.close()
-    # the calibrated codes differ from the calibration-free ones (GPTQ actually ran)
+    # the calibrated codes differ from the calibration-free ones (GPTQ / the weighted fit actually ran)
     from safetensors.torch import load_file
     a = load_file(tmp_path / "gptq" / "layer_001.safetensors")
     b = load_file(tmp_path / "plain" / "layer_001.safetensors")
@@ -98,6 +100,7 @@ def test_calibration_fingerprint_and_old_recipes(tiny_with_text, tmp_path):
     ({"text_file": "TEXT", "tokens": 0}, r"calibration'\.tokens: must be a positive"),
     ({"text_file": "TEXT", "tokens": "many"}, r"'tokens': expected int"),
     ({"text_file": "TEXT", "tokenz": 5}, r"unknown field 'tokenz'"),
+    ({"text_file": "TEXT", "method": "awq"}, r"calibration'\.method: 'awq' is not supported; use one of gptq, imatrix"),
     ({"text_file": "TEXT", "tokens": 10 ** 6}, r"calibration'\.text_file: .* fewer than the 1000000 tokens"),
 ])
 def test_bad_calibration_fields(tiny_with_text, tmp_path, cal, match):
@@ -186,7 +189,7 @@ def test_target_bits_per_weight_overrides_still_win_and_bad_values(tmp_path):
 
 
 def test_target_bits_per_weight_with_calibration(tiny_with_text, tmp_path):
-    """Column errors weighted by calibration input moments (head included); the budget holds."""
+    """Errors weighted by calibration input moments and output loss gradients (head included); the budget holds."""
     m, text = tiny_with_text
     r = parse_recipe({"model": str(m), "output": str(tmp_path / "o"), "group_size": 64, "scheme": "q4",
                       "compute_dtype": "float32", "target_bits_per_weight": 4.5,
@@ -194,3 +197,19 @@ def test_target_bits_per_weight_with_calibration(tiny_with_text, tmp_path):
     shard(r, progress=False)
     bits, params, _, _ = _linear_bits_and_error(tmp_path / "o", m)
     assert bits <= 4.5 * params
+
+
+def test_loss_sensitivity_covers_every_linear(tiny_with_text):
+    from qstream.quant.calibrate import loss_sensitivity
+    from qstream.source import open_source
+
+    m, _ = tiny_with_text
+    src = open_source(str(m))
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(5))
+    sens = loss_sensitivity(src.config, src.read, ids)
+    linears = {n for n in src.names if n.endswith("proj.weight") or n == "lm_head.weight"}
+    assert linears and linears <= set(sens)
+    for n in linears:
+        out_s, in_s = sens[n]
+        assert out_s.shape == (src.shapes[n][0],) and in_s.shape == (src.shapes[n][1],)
+        assert bool((out_s >= 0).all() and (in_s >= 0).all()) and float(out_s.sum()) > 0 and float(in_s.sum()) > 0

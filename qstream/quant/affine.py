@@ -3,7 +3,9 @@
 Each row of a weight is cut into groups of ``block_size`` (the group size); a group
 stores b-bit codes and a grid ``w = code * scale + min`` fitted without calibration data
 (:mod:`.hqq`: HQQ's proximal solver plus a least-squares refit, never worse than
-round-to-nearest). Rows whose length is not a multiple of the group size are padded
+round-to-nearest), or, with calibration (``importance`` per input column, shard's
+``calibration: {method: imatrix}``), by :func:`.hqq.fit_weighted` on the importance-weighted
+error. Rows whose length is not a multiple of the group size are padded
 internally with their last value; the padding is masked out of the fit and cut off on
 dequantization.
 
@@ -27,7 +29,7 @@ import torch
 from ..dtypes import DTYPE_NAMES
 from ..errors import RecipeError
 from . import affine_triton, bitpack, gemv_triton
-from .hqq import FitConfig, fit
+from .hqq import FitConfig, fit, fit_weighted
 
 GROUP_SIZES = (32, 64, 128, 256)
 # float16 scale and min per group
@@ -59,7 +61,11 @@ class Affine:
                               f"use one of {', '.join(map(str, GROUP_SIZES))}")
         return block_size
 
-    def quantize(self, w: torch.Tensor, block_size: int | None) -> tuple[dict[str, torch.Tensor], dict]:
+    def quantize(self, w: torch.Tensor, block_size: int | None,
+                 importance: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        """``importance`` [in] (optional, e.g. calibration's mean squared input of each column):
+        each group's grid minimizes the importance-weighted squared error (:func:`.hqq.fit_weighted`)
+        instead of HQQ's unweighted objective. The stored format is the same either way."""
         g = self._check_group(block_size)
         if w.dim() == 0 or w.numel() == 0:
             raise ValueError(f"{self.name}: cannot quantize a tensor of shape {tuple(w.shape)}")
@@ -77,7 +83,14 @@ class Affine:
             mask = torch.ones_like(x)
             mask[:, cols:] = 0
             mask = mask.view(-1, g)
-        codes, scale, low = fit(x.view(-1, g), self.bits, mask=mask, cfg=self.cfg)
+        if importance is None:
+            codes, scale, low = fit(x.view(-1, g), self.bits, mask=mask, cfg=self.cfg)
+        else:
+            if importance.shape != (cols,):
+                raise ValueError(f"{self.name}: importance has shape {tuple(importance.shape)}, expected ({cols},)")
+            imp = importance.float().to(x.device).clamp_min(0)
+            imp = torch.cat([imp, imp.new_zeros(pad)]).expand(x.shape[0], -1).reshape(-1, g)
+            codes, scale, low = fit_weighted(x.view(-1, g), self.bits, imp, mask=mask)
         rows, groups = x.shape[0], x.shape[1] // g
         packed = {"": bitpack.pack(codes, self.bits), "scale": scale.view(rows, groups), "min": low.view(rows, groups)}
         meta = {"scheme": self.name, "shape": list(w.shape), "dtype": DTYPE_NAMES.get(w.dtype, "float32"), "block_size": g}

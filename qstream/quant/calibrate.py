@@ -15,6 +15,7 @@ Everything runs in float32 on the CPU (or the given device).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,6 +60,7 @@ class Calibrator:
         self.layers = self.model.get_submodule(layers_prefix)
         self.hidden: torch.Tensor | None = None
         self.kwargs: dict = {}
+        self.stages: list[list[str]] = []
 
     @torch.no_grad()
     def start(self, embed: dict[str, torch.Tensor]) -> None:
@@ -98,12 +100,15 @@ class Calibrator:
     @torch.no_grad()
     def collect(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Layer i with ``tensors`` (its float weights): {weight name: H = X^T X / N [in, in]} of
-        every linear, X its inputs over all calibration tokens."""
+        every linear, X its inputs over all calibration tokens. ``self.stages`` then lists the
+        linears grouped by shared input in execution order (q/k/v, o, gate/up, down), what
+        true-sequential quantization walks through."""
         layer = self._load(i, tensors)
         sums: dict[str, torch.Tensor] = {}
         count = self.hidden.shape[0] * self.hidden.shape[1]
         hooks = []
         last: list = [None, None]  # (input tensor, its X^T X): q/k/v (and gate/up) share one input
+        stages: list[list[str]] = []  # linears grouped by shared input, in execution order
 
         for name, mod in layer.named_modules():
             if isinstance(mod, nn.Linear):
@@ -113,6 +118,9 @@ class Calibrator:
                     if args[0] is not last[0]:  # identity, not address: `last` keeps the tensor alive
                         x = args[0].reshape(-1, args[0].shape[-1]).float()
                         last[0], last[1] = args[0], x.T @ x
+                        stages.append([])
+                    if key not in stages[-1]:
+                        stages[-1].append(key)
                     sums[key] = sums[key] + last[1] if key in sums else last[1]
 
                 hooks.append(mod.register_forward_pre_hook(hook))
@@ -121,44 +129,8 @@ class Calibrator:
         finally:
             for h in hooks:
                 h.remove()
+        self.stages = stages
         return {k: v / count for k, v in sums.items()}  # a new tensor per key: shared sums stay unchanged
-
-    @torch.no_grad()
-    def moments(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One pass of layer i with ``tensors`` (unquantized): {weight name: mean squared input of each
-        input feature [in]} (diag of H, what mixed.options_for weighs column errors by), and the layer's
-        output becomes the next layer's input."""
-        layer = self._load(i, tensors)
-        count = self.hidden.shape[0] * self.hidden.shape[1]
-        out: dict[str, torch.Tensor] = {}
-        hooks = []
-        for name, mod in layer.named_modules():
-            if isinstance(mod, nn.Linear):
-                key = f"{self.prefix}.{i}.{name}.weight"
-
-                def hook(m, args, key=key):
-                    x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    out[key] = out.get(key, 0) + x.square().sum(0) / count
-
-                hooks.append(mod.register_forward_pre_hook(hook))
-        try:
-            self.hidden = self._run(layer)
-        finally:
-            for h in hooks:
-                h.remove()
-        for n in tensors:
-            _set(self.model, n, torch.empty(0, device="meta"))
-        return out
-
-    @torch.no_grad()
-    def head_moments(self, norm: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean squared input of the head's features: the final norm (its tensors given) of the last
-        layer's output."""
-        for n, t in norm.items():
-            _set(self.model, n, t.float().to(self.device))
-        mod = self.model.get_submodule(next(iter(norm)).rsplit(".", 1)[0])
-        x = mod(self.hidden)
-        return x.reshape(-1, x.shape[-1]).float().square().mean(0)
 
     @torch.no_grad()
     def advance(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -167,3 +139,53 @@ class Calibrator:
         self.hidden = self._run(layer)
         for n in tensors:  # free the layer: at most one layer's float weights are held here
             _set(self.model, n, torch.empty(0, device="meta"))
+
+
+def loss_sensitivity(config, read: Callable[[str], torch.Tensor], ids: torch.Tensor,
+                     device: torch.device | str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{weight name: (out_scale [out], in_scale [in])} of every linear of the whole model (float32,
+    every weight materialized: for mixed precision's choice, before sharding). ``in_scale`` is the mean
+    squared input of each input feature; ``out_scale`` the mean squared gradient of the next-token loss
+    with respect to each output feature (the empirical Fisher's diagonal at the linear's output). A
+    weight error dW then costs about 0.5 * sum_ij out_i * in_j * dW_ij^2 in loss (second order, cross
+    terms dropped): one unit for every linear of every layer, which the plain output error is not
+    (it ignores how much of a layer's output reaches the loss)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    dev = torch.device(device)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for mod in model.modules():
+        for k, b in list(mod._buffers.items()):
+            if b is not None and b.device.type != "meta":
+                mod._buffers[k] = b.to(dev)
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        _set(model, name, read(name).float().to(dev))
+    ins: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            key = f"{name}.weight"
+
+            def fwd(m, args, out, key=key):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                ins[key] = ins.get(key, 0) + x.square().sum(0)
+                if out.requires_grad:
+                    out.register_hook(lambda g, key=key: outs.__setitem__(
+                        key, outs.get(key, 0) + g.reshape(-1, g.shape[-1]).float().square().sum(0)))
+
+            hooks.append(mod.register_forward_hook(fwd))
+    count = 0
+    try:
+        for seq in ids.to(dev):  # one sequence at a time: the activations of one backward pass only
+            emb = model.get_input_embeddings()(seq[None]).detach().requires_grad_(True)
+            loss = model(inputs_embeds=emb, labels=seq[None], use_cache=False).loss
+            loss.backward()
+            count += seq.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    del model
+    return {k: (outs[k] / count, ins[k] / count) for k in ins if k in outs}

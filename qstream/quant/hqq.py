@@ -160,3 +160,75 @@ def fit(x: torch.Tensor, bits: int, *, mask: torch.Tensor | None = None, cfg: Fi
     outs = [_fit_chunk(x[i:i + rows], None if mask is None else mask[i:i + rows], qmax, cfg, store)
             for i in range(0, x.shape[0], rows)]
     return tuple(torch.cat(parts) for parts in zip(*outs))
+
+
+# Importance-weighted fit (llama.cpp's imatrix quantization, ``make_qkx2_quants``): the scale search
+# tries inverse scales (qmax + RMIN + RDELTA * k) / (max - min) for k < NSTEP, each followed by the
+# weighted least-squares (scale, min) for its codes; llama.cpp uses -1, 0.1, 20. We search a wider
+# band (qmax - 2 .. qmax + 1): the extra candidates with fewer levels clip the outer weights, which
+# pays when their importance is low (AWQ's clip search does the same by shrinking the range).
+RMIN, RDELTA, NSTEP = -2.0, 0.2, 16  # 0.2 instead of 0.1: half the time, +0.2% weighted error (4-bit)
+REFITS = 4  # codes <-> least-squares alternations after the search (llama.cpp: 1 .. 10, stops when stuck)
+
+
+def _wls(x: torch.Tensor, q: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor):
+    """Weighted least-squares line x ~= q * scale + low per row; rows with one distinct code keep (scale, low)."""
+    n = w.sum(1, keepdim=True)
+    wq = w * q
+    sq, sx = wq.sum(1, keepdim=True), (w * x).sum(1, keepdim=True)
+    sqq, sqx = (wq * q).sum(1, keepdim=True), (wq * x).sum(1, keepdim=True)
+    den = n * sqq - sq * sq
+    ok = (den > 1e-12 * n * sqq) & (n > 0)
+    safe = torch.where(ok, den, torch.ones_like(den))
+    a = torch.where(ok, (n * sqx - sq * sx) / safe, scale)
+    c = torch.where(ok, (sx - a * sq) / torch.where(n > 0, n, torch.ones_like(n)), low)
+    return a, c
+
+
+def _wfit_chunk(x: torch.Tensor, w: torch.Tensor, qmax: int, store: torch.dtype):
+    def werr(scale, low):
+        d = x - (codes_for(x, scale, low, qmax) * scale + low)
+        return (w * d * d).sum(1, keepdim=True)
+
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    r_scale, r_low = (hi - lo) / qmax, lo
+    best_s, best_l = r_scale.clone(), r_low.clone()
+    best = werr(r_scale, r_low)
+    rng = hi - lo
+    live = rng > 0
+    inv_rng = torch.where(live, 1.0 / torch.where(live, rng, torch.ones_like(rng)), torch.zeros_like(rng))
+
+    def consider(s, l):
+        nonlocal best_s, best_l, best
+        e = werr(s, l)
+        better = (e < best) & (s > 0)
+        best_s, best_l, best = torch.where(better, s, best_s), torch.where(better, l, best_l), torch.where(better, e, best)
+
+    for k in range(NSTEP):
+        iscale = (qmax + RMIN + RDELTA * k) * inv_rng
+        q = ((x - lo) * iscale).round_().clamp_(0, qmax)
+        consider(*_wls(x, q, w, best_s, best_l))
+    for _ in range(REFITS):
+        consider(*_wls(x, codes_for(x, best_s, best_l, qmax), w, best_s, best_l))
+    # storage rounding: codes against the stored grid, the stored min-max grid as the floor
+    s16, l16, rs, rl = best_s.to(store), best_l.to(store), r_scale.to(store), r_low.to(store)
+    q = codes_for(x, s16.float(), l16.float(), qmax)
+    rq = codes_for(x, rs.float(), rl.float(), qmax)
+    e_fit = (w * (x - (q * s16.float() + l16.float())).square()).sum(1, keepdim=True)
+    e_rtn = (w * (x - (rq * rs.float() + rl.float())).square()).sum(1, keepdim=True)
+    worse = e_rtn < e_fit
+    return torch.where(worse, rq, q).to(torch.uint8), torch.where(worse, rs, s16), torch.where(worse, rl, l16)
+
+
+@torch.inference_mode()
+def fit_weighted(x: torch.Tensor, bits: int, importance: torch.Tensor, *, mask: torch.Tensor | None = None,
+                 store: torch.dtype = torch.float16, chunk: int = 1 << 22):
+    """Fit groups ``x`` [G, g] minimizing sum importance * (x - dequant)^2 per group (importance [G, g]
+    >= 0, e.g. the mean squared input activation of each weight's column: the output error of a
+    linear, up to cross-column correlations). Same outputs as :func:`fit`; never worse than the
+    min-max grid on the weighted error. Padding (mask 0) gets no weight."""
+    qmax = (1 << bits) - 1
+    w = importance.float() if mask is None else importance.float() * mask
+    rows = max(1, chunk // x.shape[1])
+    outs = [_wfit_chunk(x[i:i + rows].float(), w[i:i + rows], qmax, store) for i in range(0, x.shape[0], rows)]
+    return tuple(torch.cat(parts) for parts in zip(*outs))

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import RecipeError
-from . import dequantize, quantize
+from . import dequantize, get_scheme, quantize
+from .affine import Affine
 
 BUCKETS_PER_WEIGHT = 100  # budget units per weight: rounding loses at most one unit per weight (1%)
 
@@ -90,19 +91,29 @@ def _fill(choices: dict[str, list[Option]], pick: dict[str, int], budget_bits: i
     return {n: choices[n][i] for n, i in pick.items()}
 
 
-def options_for(w: torch.Tensor, specs: list, *, input_scale: torch.Tensor | None = None) -> list[Option]:
+def options_for(w: torch.Tensor, specs: list, *, input_scale: torch.Tensor | None = None,
+                output_scale: torch.Tensor | None = None) -> list[Option]:
     """Quantize ``w`` [out, in] with each candidate spec and measure what it costs: the stored
     bits and the error. Without calibration the error is the squared Frobenius norm of the weight
     error (what the output error is for white inputs); with ``input_scale`` [in] (the mean squared
     input activation of each input feature, from calibration text) each column is weighted by it,
-    the diagonal of the layer's input second moment."""
+    the diagonal of the layer's input second moment; with ``output_scale`` [out] too (the mean squared
+    loss gradient of each output feature) each row is weighted by it as well, which makes the errors of
+    different layers comparable (the loss change, to second order)."""
     out = []
     wf = w.float()
     for spec in specs:
-        packed, meta = quantize(w, spec)
+        scheme = get_scheme(spec.scheme)
+        if input_scale is not None and isinstance(scheme, Affine):
+            # the fit the calibrated shard will use for this choice (imatrix: importance-weighted grids)
+            packed, meta = scheme.quantize(w, spec.block_size, importance=input_scale.to(w.device))
+        else:
+            packed, meta = quantize(w, spec)
         err = (dequantize(packed, meta, dtype=torch.float32) - wf).square()
         if input_scale is not None:
             err = err * input_scale.to(err.device)
+        if output_scale is not None:
+            err = err * output_scale.to(err.device).unsqueeze(1)
         bits = 8 * sum(t.numel() * t.element_size() for t in packed.values())
         out.append(Option(spec, bits, float(err.sum())))
     return out
