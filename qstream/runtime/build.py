@@ -131,6 +131,22 @@ def fixed_bytes(hf, manifest: Manifest, head: FileEntry, dtype: torch.dtype, max
     return head.size + workspace + act, kv
 
 
+def prepare(manifest: Manifest, layer_entries: list[FileEntry], dtype: torch.dtype, profile: bool):
+    """What load() and load_devices() share before any weight is read: the skeleton checked against
+    the manifest, with QLinears swapped in, its Stats, the decoder layers and one Binding per layer file."""
+    hf = skeleton(manifest, dtype)
+    raise_first(manifest.root, shape_problems(manifest, {n: tuple(p.shape) for n, p in hf.named_parameters()}))
+    swap_linears(hf, [e for e in manifest.files if e.kind != "draft"], dtype)  # draft copies: runtime/draft.py
+    stats = Stats()
+    if profile:
+        for m in hf.modules():
+            if isinstance(m, QLinear):
+                m.stats = stats
+    layers = hf.get_submodule(manifest.layers_prefix)
+    bindings = {i: Binding.of(hf, e) for i, e in enumerate(layer_entries)}
+    return hf, stats, layers, bindings
+
+
 def _attach_embeddings(hf: nn.Module, tensors: dict[str, torch.Tensor], dev: torch.device) -> None:
     """Embeddings: host RAM on CUDA (a lookup reads a few rows), in place on CPU."""
     for name, t in tensors.items():
@@ -236,16 +252,7 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
     checks = {i: file_check(manifest, e) for i, e in enumerate(layer_entries)}
     layer_bytes = [h.data_size for h in headers]
 
-    hf = skeleton(manifest, dtype)
-    raise_first(manifest.root, shape_problems(manifest, {n: tuple(p.shape) for n, p in hf.named_parameters()}))
-    swap_linears(hf, [e for e in manifest.files if e.kind != "draft"], dtype)  # draft copies: runtime/draft.py
-    stats = Stats()
-    if profile:
-        for m in hf.modules():
-            if isinstance(m, QLinear):
-                m.stats = stats
-    layers = hf.get_submodule(manifest.layers_prefix)
-    bindings = {i: Binding.of(hf, e) for i, e in enumerate(layer_entries)}
+    hf, stats, layers, bindings = prepare(manifest, layer_entries, dtype, profile)
     _buffers_to(hf, dev)
     if embed_e is not None:
         _attach_embeddings(hf, read_file(manifest.path(embed_e), header=checked_header(manifest, embed_e),

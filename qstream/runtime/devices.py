@@ -31,7 +31,7 @@ from torch import nn
 
 from ..dtypes import DTYPES
 from ..errors import BudgetError, QstreamError
-from ..store.check import check_tokenizer_files, checked_header, manifest_problems, raise_first, shape_problems
+from ..store.check import check_tokenizer_files, checked_header, manifest_problems, raise_first
 from ..store.inspect import require_verified
 from ..store.integrity import file_check
 from ..store.manifest import read_manifest
@@ -43,8 +43,6 @@ from .hooks import Binding
 from .model import StreamedModel
 from .pipeline import Pipeline
 from .plan import DevicePlan, TierPlan, default_max_seq, parse_bytes, partition_layers, plan_devices, size
-from .qlinear import QLinear
-from .stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -418,18 +416,9 @@ def load_devices(path, *, devices, gpu_memory=None, host_memory="auto", max_batc
     checks = {i: file_check(manifest, e) for i, e in enumerate(layer_entries)}
     layer_bytes = [h.data_size for h in headers]
 
-    hf = build.skeleton(manifest, dtype)
-    raise_first(manifest.root, shape_problems(manifest, {n: tuple(p.shape) for n, p in hf.named_parameters()}))
-    build.swap_linears(hf, [e for e in manifest.files if e.kind != "draft"], dtype)  # draft copies: runtime/draft.py
+    hf, stats, layers, bindings = build.prepare(manifest, layer_entries, dtype, profile)
     if (any(d.type == "cuda" for d in devs) if fuse is None else fuse):
         fused_norms(hf)
-    stats = Stats()
-    if profile:
-        for m in hf.modules():
-            if isinstance(m, QLinear):
-                m.stats = stats
-    layers = hf.get_submodule(manifest.layers_prefix)
-    bindings = {i: Binding.of(hf, e) for i, e in enumerate(layer_entries)}
 
     fixed, kv = build.fixed_bytes(hf, manifest, head_e, dtype, max_batch, max_seq, prefill_chunk)
     parts = plan_shares(layer_bytes, base_fixed=fixed - head_e.size, head_bytes=head_e.size, kv_bytes=kv,

@@ -29,7 +29,7 @@ from ..store.integrity import file_check
 from ..store.manifest import Manifest, read_manifest
 from ..store.tensors import views
 from .hooks import Binding
-from .plan import TierPlan, plan_tiers, size, spread
+from .plan import TierPlan, plan_tiers, size, split_host_disk, spread
 from .stats import Stats
 
 
@@ -90,13 +90,7 @@ def plan_with_draft(layer_bytes: list[int], draft_bytes: list[int], *, fixed_byt
             break
     resident = set(spread(k, n))
     streamed = [i for i in range(n) if i not in resident]
-    host, disk, used = [], [], 0
-    for i in streamed:
-        if host_budget is None or used + layer_bytes[i] <= host_budget:
-            host.append(i)
-            used += layer_bytes[i]
-        else:
-            disk.append(i)
+    host, disk = split_host_disk(streamed, layer_bytes, host_budget)
     return DraftPlan(tuple(sorted(resident)), tuple(host), tuple(disk), s, biggest, fixed, budget, host_budget,
                      drafted=tuple(streamed), draft_bytes=sum(draft_bytes[i] for i in streamed), **common)
 

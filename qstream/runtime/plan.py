@@ -82,6 +82,19 @@ def spread(n: int, total: int) -> list[int]:
     return [i for i in range(total) if (i + 1) * n // total > i * n // total]
 
 
+def split_host_disk(streamed: list[int], layer_bytes: list[int], host_budget: int | None) -> tuple[list[int], list[int]]:
+    """Streamed layers cached in host RAM in order while ``host_budget`` (None = unlimited) allows;
+    the rest are read from disk."""
+    host, disk, used = [], [], 0
+    for i in streamed:
+        if host_budget is None or used + layer_bytes[i] <= host_budget:
+            host.append(i)
+            used += layer_bytes[i]
+        else:
+            disk.append(i)
+    return host, disk
+
+
 def plan_tiers(layer_bytes: list[int], *, fixed_bytes: int, budget: int | None, host_budget: int | None,
                max_slots: int = 4, min_slots: int = 2, preferred_slots: int = 3) -> TierPlan:
     n = len(layer_bytes)
@@ -99,14 +112,7 @@ def plan_tiers(layer_bytes: list[int], *, fixed_bytes: int, budget: int | None, 
     # a tight budget falls back to two (depth 1) rather than refusing to run
     s = max(min_slots, min(preferred_slots, max_slots, left // biggest, n))
     resident = set(spread(_fit_count(layer_bytes, left - s * biggest), n))
-    streamed = [i for i in range(n) if i not in resident]
-    host, disk, used = [], [], 0
-    for i in streamed:
-        if host_budget is None or used + layer_bytes[i] <= host_budget:
-            host.append(i)
-            used += layer_bytes[i]
-        else:
-            disk.append(i)
+    host, disk = split_host_disk([i for i in range(n) if i not in resident], layer_bytes, host_budget)
     return TierPlan(tuple(sorted(resident)), tuple(host), tuple(disk), s, biggest, fixed_bytes, budget, host_budget)
 
 
