@@ -49,9 +49,8 @@ def plan_groups(binding: Binding) -> list[Group]:
             if not all(n in by_name for n in names):
                 continue
             qs = [by_name[n] for n in names]
-            scheme = qs[0][0].scheme
-            join = getattr(scheme, "join_rows", None)
-            if join is None or any(q.scheme is not scheme and q.scheme.name != scheme.name for q, _, _ in qs):
+            join = getattr(qs[0][0].scheme, "join_rows", None)  # None for members of other schemes too
+            if join is None:
                 continue
             meta = join([q.meta for q, _, _ in qs])
             biases = [b for _, _, b in qs]
