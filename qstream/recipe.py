@@ -15,8 +15,9 @@
       method: gptq                 # or imatrix (importance-weighted grids, no error feedback)
     draft: {scheme: q3, group_size: 64}  # optional: a low-bit copy of the decoder layers in the same
                                    # directory, the draft of self-speculative decoding (see shard_draft.py)
-    tied_head: {scheme: q8, group_size: 64}   # optional, models with tied embeddings: the scheme of the
-                                   # one stored copy of the embedding/head matrix (or just `tied_head: q8`)
+    tied_head: {scheme: q8, group_size: 64}   # optional (alias: head): the output head's scheme, kept out
+                                   # of target_bits_per_weight's choice; for tied embeddings the one stored
+                                   # copy of the embedding/head matrix (or just `tied_head: q8`)
 
 
 Only 2-D weights of linear layers are quantized; norms, biases and embeddings are
@@ -36,10 +37,12 @@ import yaml
 from .dtypes import COMPUTE_DTYPES
 from .errors import RecipeError
 from .quant import SCHEMES, QuantSpec, check_spec, get_scheme
+from .quant.kquant import KAffine
 
 _TOP_KEYS = {"model": str, "output": str, "scheme": str, "block_size": int, "group_size": int, "compute_dtype": str,
              "overrides": list, "description": str, "calibration": dict,
-             "target_bits_per_weight": (int, float), "draft": dict, "tied_head": (str, dict)}
+             "target_bits_per_weight": (int, float), "draft": dict, "tied_head": (str, dict),
+             "head": (str, dict)}
 _CALIBRATION_KEYS = {"text_file": str, "tokens": int, "method": str}
 # gptq: error feedback through the input Hessian; imatrix: each group's grid fitted to the error
 # weighted by its columns' mean squared input (llama.cpp's importance matrix), no feedback
@@ -51,6 +54,11 @@ TARGET_CANDIDATES = ("q3", "q4", "q5", "q6", "q8")
 # ... and these also at twice the recipe's group size (when supported): a wide-input weight (down_proj)
 # at q4 g128 costs 4.25 bits instead of 4.5, bits the knapsack can spend on a sensitive weight
 TARGET_WIDE_GROUP = ("q3", "q4", "q5")
+# recipes of the k-quant family (scheme q3k, q4k, ...: 6-bit grids, quant/kquant.py) choose among their own
+# family at the recipe's group, the two smallest at twice it, and q8 at 64 for the most sensitive weights
+K_TARGET_CANDIDATES = ("q3k", "q4k", "q5k", "q6k")
+K_TARGET_WIDE_GROUP = ("q3k", "q4k")
+K_TARGET_TOP = ("q8", 64)
 MIN_TARGET_BITS, MAX_TARGET_BITS = 3.25, 8.5  # q3 and q8 at groups of 128 (their float16 scale+min cost 0.25)
 _DRAFT_KEYS = {"scheme": str, "block_size": int, "group_size": int}
 # a draft must be much cheaper than the target to pay: 2 to 4 bits (fitted affine groups, or nf4)
@@ -66,7 +74,7 @@ TIED_HEAD_MIN_BITS = 8
 DEFAULT_TIED_HEAD = ("q8", 64)
 # `group_size` is the usual name for the block of group-quantization schemes (q2 ... q8); it is
 # stored as block_size, so recipes that spell it either way shard identically
-_ALIASES = {"group_size": "block_size"}
+_ALIASES = {"group_size": "block_size", "head": "tied_head"}
 
 
 @dataclass(frozen=True)
@@ -107,8 +115,9 @@ class Recipe:
     # minimizes the total predicted error at this many bits per weight on average
     target_bits_per_weight: float | None = None
     draft: DraftSpec | None = None  # a low-bit copy of the decoder layers for self-speculation
-    # tied models only: (scheme, block size or None) of the one stored embedding/head matrix; None =
-    # tied_head_spec()'s default. An override matching lm_head wins over it.
+    # (scheme, block size or None) of the output head (tied models: of the one stored embedding/head
+    # matrix); None = tied_head_spec()'s default for tied models, the recipe's choice for untied heads.
+    # An override matching lm_head wins over it.
     tied_head: tuple[str, int | None] | None = None
 
     def spec_for(self, module: str) -> tuple[QuantSpec, str | None]:
@@ -117,6 +126,17 @@ class Recipe:
             if fnmatch.fnmatchcase(module, o.pattern):
                 return _spec(o.scheme, o.block_size or self.block_size), o.pattern
         return _spec(self.scheme, self.block_size), None
+
+    def target_candidates(self) -> list[QuantSpec]:
+        """The schemes target_bits_per_weight chooses among: the recipe's family (q-schemes or k-schemes)."""
+        if isinstance(get_scheme(self.scheme), KAffine):
+            out = [QuantSpec(s, self.block_size) for s in K_TARGET_CANDIDATES]
+            out += [QuantSpec(s, 2 * self.block_size) for s in K_TARGET_WIDE_GROUP
+                    if 2 * self.block_size in get_scheme(s).block_sizes]
+            return out + [QuantSpec(*K_TARGET_TOP)]
+        out = [QuantSpec(s, self.block_size) for s in TARGET_CANDIDATES]
+        wide = 2 * self.block_size
+        return out + [QuantSpec(s, wide) for s in TARGET_WIDE_GROUP if wide in get_scheme(s).block_sizes]
 
     def tied_head_spec(self) -> tuple[QuantSpec, str]:
         """The spec of the one stored copy of a tied model's embedding/head matrix, and why: an
@@ -231,12 +251,21 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     if "\0" in data["output"] or "\0" in data["model"]:
         raise RecipeError(f"{source}: fields 'model' and 'output' must not contain NUL characters")
     output = Path(data["output"]).expanduser()
-    calibration = _calibration(source, data["calibration"]) if "calibration" in data else None
+    # the k-schemes' grids come from the importance-weighted fit: imatrix is their default method
+    default_method = "imatrix" if isinstance(get_scheme(scheme), KAffine) else "gptq"
+    calibration = _calibration(source, data["calibration"], default_method) if "calibration" in data else None
     target = data.get("target_bits_per_weight")
     if target is not None and not MIN_TARGET_BITS <= target <= MAX_TARGET_BITS:
         raise RecipeError(f"{source}: field 'target_bits_per_weight': {target} is outside "
                           f"{MIN_TARGET_BITS}..{MAX_TARGET_BITS} (the candidate schemes' range)")
     tied_head = _tied_head(source, data["tied_head"], block_size) if "tied_head" in data else None
+    if calibration is not None and calibration.method == "gptq":
+        # GPTQ writes float16 grids; the k-schemes' 6-bit grids are fitted by the importance-weighted fit
+        k = [s for s in (scheme, *(o.scheme for o in overrides), *(tied_head or ())[:1])
+             if isinstance(get_scheme(s), KAffine)]
+        if k:
+            raise RecipeError(f"{source}: field 'calibration.method': gptq does not support {k[0]}; "
+                              "use method: imatrix (or a q2 ... q8 scheme)")
     return Recipe(
         model=data["model"],
         output=output,
@@ -278,7 +307,7 @@ def _tied_head(source: str, value: str | dict, block_size: int) -> tuple[str, in
     return value["scheme"], bs
 
 
-def _calibration(source: str, c: dict) -> Calibration:
+def _calibration(source: str, c: dict, default_method: str = "gptq") -> Calibration:
     where = f"{source}: field 'calibration'"
     _check_fields(where, c, _CALIBRATION_KEYS, ("text_file",))
     tokens = c.get("tokens", DEFAULT_CALIBRATION_TOKENS)
@@ -291,7 +320,7 @@ def _calibration(source: str, c: dict) -> Calibration:
     if path.stat().st_size < tokens:
         raise RecipeError(f"{where}.text_file: {path} has {path.stat().st_size} bytes, fewer than the "
                           f"{tokens} tokens asked for; use a longer text or fewer tokens")
-    method = c.get("method", "gptq")
+    method = c.get("method", default_method)
     if method not in CALIBRATION_METHODS:
         raise RecipeError(f"{where}.method: {method!r} is not supported; use one of {', '.join(CALIBRATION_METHODS)}")
     return Calibration(str(path), tokens, method)

@@ -39,7 +39,7 @@ from .quant.affine import Affine
 from .quant.calibrate import Calibrator, calibration_ids, loss_sensitivity
 from .quant.gptq import gptq_quantize
 from .quant.mixed import allocate, options_for
-from .recipe import TARGET_CANDIDATES, TARGET_WIDE_GROUP, Recipe
+from .recipe import Recipe
 from .source import ALIASES, open_source, smollm2_gguf, split_units
 from .store.files import atomic_write_bytes, fsync_dir, safe_member, sha256_file
 from .store.integrity import fast_digest
@@ -330,6 +330,9 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
     if embedding is not None:
         specs[TIED_HEAD], why = recipe.tied_head_spec()
         log.info("tied embeddings: stored once as %s (%s), %s", TIED_HEAD, specs[TIED_HEAD], why)
+    elif recipe.tied_head is not None and TIED_HEAD in specs:  # an untied head with the recipe's head field
+        specs[TIED_HEAD], why = recipe.tied_head_spec()
+        log.info("head %s: %s, %s", TIED_HEAD, specs[TIED_HEAD], why)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if recipe.target_bits_per_weight is not None:
         specs = _allocate_specs(recipe, source, prefix, units, shapes, specs, read_as, dev)
@@ -468,17 +471,17 @@ def _intact(path: Path, entry: dict | None) -> bool:
 def _allocate_specs(recipe: Recipe, source, prefix: str, units: dict[str, list[str]], shapes: dict[str, torch.Size],
                     specs: dict[str, QuantSpec], read_as: dict[str, str], dev: torch.device) -> dict[str, QuantSpec]:
     """target_bits_per_weight: every quantizable weight that no override names gets the candidate
-    scheme (TARGET_CANDIDATES at the recipe's group size, TARGET_WIDE_GROUP at twice it) that, over all those weights, minimizes
+    scheme (Recipe.target_candidates) that, over all those weights, minimizes
     the summed squared weight error within target x their parameter count bits (quant/mixed.py's
     exact knapsack). Reads each such weight once more and quantizes it with every candidate."""
     tied = read_as.get(TIED_HEAD, TIED_HEAD) != TIED_HEAD  # the embedding stored once as the head
-    # a tied embedding/head matrix keeps Recipe.tied_head_spec's scheme: it is also every token's input
+    # a tied embedding/head matrix keeps Recipe.tied_head_spec's scheme (it is also every token's input),
+    # and so does an untied head when the recipe names its scheme
+    fixed_head = tied or recipe.tied_head is not None
     free = [n for unit, members in units.items() for n in members
             if is_quantizable(n, shapes[n], unit) and recipe.spec_for(n.removesuffix(".weight"))[1] is None
-            and not (tied and n == TIED_HEAD)]
-    candidates = [QuantSpec(s, recipe.block_size) for s in TARGET_CANDIDATES]
-    wide = 2 * recipe.block_size
-    candidates += [QuantSpec(s, wide) for s in TARGET_WIDE_GROUP if wide in get_scheme(s).block_sizes]
+            and not (fixed_head and n == TIED_HEAD)]
+    candidates = recipe.target_candidates()
     scale: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if recipe.calibration is not None:
         # forward and backward passes of the unquantized model over the calibration text: each

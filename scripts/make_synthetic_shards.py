@@ -10,6 +10,9 @@ The directory passes `qstream verify` and loads with `qstream.load`; its tokens 
     python3 scripts/make_synthetic_shards.py --shape llama3-8b --out /tmp/qs/l8b-nf4
     python3 scripts/make_synthetic_shards.py --shape llama3-70b-slice --layers 6 --out /tmp/qs/l70b6-nf4
 
+--scheme q4 --block-size 64 (or q4k --block-size 32, any q-scheme) writes the decoder layers in that
+fitted-affine layout instead of nf4 (random codes, a grid spanning about +-2.4 std).
+
 --draft-scheme q2 (q3, q4, nf4) --draft-block-size 128 also writes the in-directory speculative
 draft (draft_NNN.safetensors, qstream/shard_draft.py): random codes of that scheme for every
 decoder-layer linear, norms as the layer stores them.
@@ -85,21 +88,54 @@ def affine_tensor(name: str, shape: tuple, seed: int, bits: int, group: int) -> 
     return keyed, {"scheme": f"q{bits}", "shape": list(shape), "dtype": "bfloat16", "block_size": group, "stored": stored}
 
 
+def k_tensor(name: str, shape: tuple, seed: int, bits: int, group: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Random codes of a k-scheme (quant/kquant.py's layout): 6-bit scale codes 63 and min codes 63 under
+    super-block d and dmin that make the same +-2.4 std grid as affine_tensor."""
+    from qstream.quant import bitpack
+    from qstream.quant.kquant import GRID_BITS, super_layout
+
+    rows, cols = shape
+    if cols % group or (rows * cols // group) % 8:
+        raise SystemExit(f"{name}: {shape} does not split into whole groups of {group} (and bytes of grid codes)")
+    g = _gen(seed, name)
+    codes = torch.randint(0, 1 << bits, (rows * cols,), dtype=torch.uint8, device=_dev(), generator=g)
+    n = rows * cols // group
+    grid = torch.full((2 * n,), 63, dtype=torch.uint8, device=_dev())
+    nsb = super_layout(cols // group)[0]
+    d = torch.full((rows, nsb), 4.8 * STD / ((1 << bits) - 1) / 63, dtype=torch.float16)
+    dmin = torch.full((rows, nsb), 2.4 * STD / 63, dtype=torch.float16)
+    keyed, stored = pack_stored(name, {"": bitpack.pack(codes, bits).cpu(), "grid": bitpack.pack(grid, GRID_BITS).cpu(),
+                                       "d": d, "dmin": dmin})
+    return keyed, {"scheme": f"q{bits}k", "shape": list(shape), "dtype": "bfloat16", "block_size": group, "stored": stored}
+
+
 def draft_tensor(name: str, shape: tuple, seed: int, scheme: str, group: int):
     if scheme == "nf4":
         return nf4_tensor(name, shape, seed + 1)
+    if scheme.endswith("k"):
+        return k_tensor(name, shape, seed, int(scheme[1:-1]), group)
+    return affine_tensor(name, shape, seed, int(scheme[1:]), group)
+
+
+def layer_tensor(name: str, shape: tuple, seed: int, scheme: str, group: int):
+    """A decoder-layer linear in the benchmark's layer scheme (nf4 by default)."""
+    if scheme == "nf4":
+        return nf4_tensor(name, shape, seed)
+    if scheme.endswith("k"):
+        return k_tensor(name, shape, seed, int(scheme[1:-1]), group)
     return affine_tensor(name, shape, seed, int(scheme[1:]), group)
 
 
 def write_unit(out: Path, fname: str, kind: str, index: int | None, specs: list, seed: int,
-               draft: tuple[str, int] | None = None) -> FileEntry:
+               draft: tuple[str, int] | None = None, layer: tuple[str, int] = ("nf4", BLOCK)) -> FileEntry:
     tensors, metas = {}, {}
     for s in specs:
         quantize = kind in ("layer", "draft") and len(s.shape) == 2
         if quantize and draft is not None:
             keyed, metas[s.name] = draft_tensor(s.name, s.shape, seed, *draft)
         else:
-            keyed, metas[s.name] = nf4_tensor(s.name, s.shape, seed) if quantize else bf16_tensor(s.name, s.shape, s.init, seed)
+            keyed, metas[s.name] = (layer_tensor(s.name, s.shape, seed, *layer) if quantize
+                                    else bf16_tensor(s.name, s.shape, s.init, seed))
         tensors.update(keyed)
     data = save_bytes(tensors, {"qstream": json.dumps(metas, sort_keys=True)})
     atomic_write_bytes(out / fname, data)
@@ -112,6 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, help="decoder layers (required for llama3-70b-slice)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scheme", default="nf4", help="decoder layers: nf4 (default) or a q-scheme (q4, q4k, ...)")
+    ap.add_argument("--block-size", type=int, default=BLOCK, help="group size of --scheme (default 64)")
     ap.add_argument("--draft-scheme", choices=["q2", "q3", "q4", "nf4"], help="also write an in-directory draft")
     ap.add_argument("--draft-block-size", type=int, default=64, help="group size of the draft (default 64)")
     a = ap.parse_args(argv)
@@ -139,7 +177,7 @@ def main(argv=None) -> int:
     embed, layers, norm, head = units[0], units[1:-2], units[-2], units[-1]
     entries = [write_unit(out, "embed.safetensors", "embed", None, embed, a.seed)]
     for i, specs in enumerate(layers):
-        entries.append(write_unit(out, f"layer_{i:03d}.safetensors", "layer", i, specs, a.seed))
+        entries.append(write_unit(out, f"layer_{i:03d}.safetensors", "layer", i, specs, a.seed, layer=(a.scheme, a.block_size)))
     entries.append(write_unit(out, "head.safetensors", "head", None, norm + head, a.seed))
     fields = {}
     if a.draft_scheme:
@@ -148,12 +186,12 @@ def main(argv=None) -> int:
             entries.append(write_unit(out, f"draft_{i:03d}.safetensors", "draft", i, specs, a.seed, draft))
         fields["draft"] = {"scheme": a.draft_scheme, "block_size": draft[1]}
 
-    recipe = parse_recipe({"model": f"synthetic:{a.shape}", "output": str(out), "scheme": "nf4", "block_size": BLOCK,
+    recipe = parse_recipe({"model": f"synthetic:{a.shape}", "output": str(out), "scheme": a.scheme, "block_size": a.block_size,
                            "overrides": [{"pattern": "lm_head", "scheme": "bf16"}], **fields})
     dense = sum(2 * math.prod(s.shape) for u in units for s in u)
     write_manifest(out, version=__version__,
-                   fingerprint=f"synthetic-{a.shape}-{dims['layers']}-{a.seed}" + (f"-draft-{a.draft_scheme}" if a.draft_scheme else ""),
-                   source=f"random nf4 codes of {a.shape} ({dims['layers']} layers), scripts/make_synthetic_shards.py",
+                   fingerprint=f"synthetic-{a.shape}-{dims['layers']}-{a.seed}-{a.scheme}{a.block_size}" + (f"-draft-{a.draft_scheme}" if a.draft_scheme else ""),
+                   source=f"random {a.scheme} codes of {a.shape} ({dims['layers']} layers), scripts/make_synthetic_shards.py",
                    config=config, recipe=recipe.to_dict(), compute_dtype="bfloat16", layers_prefix="model.layers",
                    tied_head=False, source_bytes=dense, dense_bytes=dense, files=entries, tokenizer_files=tok_files)
     total = sum(e.size for e in entries)

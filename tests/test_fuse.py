@@ -80,3 +80,35 @@ def test_formats_without_joinable_rows_are_left_alone(tmp_path):
         assert all(plan_groups(b) == [] for b in m.hooks.bindings.values())
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("scheme,group,joined", [("q4", 32, True), ("q4k", 32, True), ("q3", 32, False)])
+def test_fitted_schemes_join_their_siblings(tmp_path, monkeypatch, scheme, group, joined):
+    """q4 joins by its stored tensors; q4k by its codes plus the members' settled float16 grids (no
+    second copy: the members' scale and min become slices of the joined ones); q3 stores each bit field
+    for the whole matrix in turn, so it cannot join and is left alone."""
+    import qstream
+    from qstream.quant.affine import Affine
+
+    src = make_tiny(tmp_path / "m", "llama", num_hidden_layers=2, intermediate_size=96)
+    shards = shard_to(tmp_path, src, scheme, compute_dtype="float32", block_size=group)
+    calls = []
+    monkeypatch.setattr(Affine, "gemv", _reference_gemv(calls))
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for fuse in (False, True):
+        calls.clear()
+        m = qstream.load(shards, device="cpu", fuse=fuse, max_seq=64)
+        try:
+            groups = [plan_groups(b) for b in m.hooks.bindings.values()]
+            out[fuse] = generate_ids(m, ids, torch.ones_like(ids), SamplingConfig(max_new_tokens=6)).new_tokens
+            if fuse and joined:
+                attn = m.hf.model.layers[0].self_attn
+                f = attn.q_proj.shared[0]
+                assert f.packed["scale"].shape[0] == 64 + 2 * 32
+                assert attn.k_proj.packed["scale"].data_ptr() == f.packed["scale"][64:96].data_ptr()  # a slice
+                assert "grid" not in f.packed
+        finally:
+            m.close()
+    assert out[True] == out[False]
+    assert [len(g) for g in groups] == ([2, 2] if joined else [0, 0])

@@ -24,7 +24,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-@pytest.mark.parametrize("scheme,block", [("q4", 64), ("q3", 64), ("q8", 128), ("q2", 32), ("nf4", 64)])
+@pytest.mark.parametrize("scheme,block", [("q4", 64), ("q3", 64), ("q8", 128), ("q2", 32), ("nf4", 64), ("q4k", 32),
+                                          ("q3k", 32)])
 @pytest.mark.parametrize("n,k", [(4096, 14336), (1024, 4096)])
 def test_fused_qlinear_matches_dequantize_matmul_at_8b_sizes(monkeypatch, scheme, block, n, k):
     monkeypatch.setattr(gemv_triton, "NF4_KERNEL", "triton")
@@ -34,6 +35,8 @@ def test_fused_qlinear_matches_dequantize_matmul_at_8b_sizes(monkeypatch, scheme
     want = x.float() @ dequantize(packed, meta, dtype=torch.float32).T
     assert y.dtype == torch.bfloat16 and y.shape == (1, 1, n)
     assert _rel(y, want) < 1e-2
+    q.settle()  # resident form (k-schemes: the 6-bit grid expanded once): the same result
+    assert _rel(q(x), want) < 1e-2
 
 
 def test_triton_nf4_agrees_with_bitsandbytes(monkeypatch):
@@ -46,11 +49,12 @@ def test_triton_nf4_agrees_with_bitsandbytes(monkeypatch):
     assert _rel(got, ref) < 1e-2
 
 
-@pytest.mark.parametrize("scheme", ["q4", "nf4"])
-def test_fused_gemv_replays_in_a_cuda_graph(monkeypatch, scheme):
-    """Captured once (after an eager warm-up that compiles the kernel), replayed on new input in place."""
+@pytest.mark.parametrize("scheme,block", [("q4", 64), ("nf4", 64), ("q4k", 32)])
+def test_fused_gemv_replays_in_a_cuda_graph(monkeypatch, scheme, block):
+    """Captured once (after an eager warm-up that compiles the kernel), replayed on new input in place
+    (q4k unsettled: the grid expansion is captured too, as for a streamed layer)."""
     monkeypatch.setattr(gemv_triton, "NF4_KERNEL", "triton")
-    q, _, _ = _linear(scheme, 64, 1024, 4096)
+    q, _, _ = _linear(scheme, block, 1024, 4096)
     x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

@@ -22,6 +22,7 @@ from .affine import Affine
 from .base import Scheme
 from .bnb4 import FourBit
 from .int8 import Int8Blockwise
+from .kquant import KAffine
 from .passthrough import PassThrough
 
 SCHEMES: dict[str, Scheme] = {
@@ -30,6 +31,9 @@ SCHEMES: dict[str, Scheme] = {
     "int8": Int8Blockwise(),
     # fitted affine groups (HQQ-style, calibration-free): 2 to 8 bits
     **{f"q{b}": Affine(b) for b in (2, 3, 4, 5, 6, 8)},
+    # the same with each group's scale and min as 6-bit codes (llama.cpp's k-quant layout): groups of 32 at
+    # the bits of q-schemes at 64
+    **{f"q{b}k": KAffine(b) for b in (2, 3, 4, 5, 6)},
     "bf16": PassThrough("bf16", torch.bfloat16),
     "fp16": PassThrough("fp16", torch.float16),
     "fp32": PassThrough("fp32", torch.float32),

@@ -52,7 +52,8 @@ class Affine:
         self.name = f"q{bits}"
         self.cfg = cfg
 
-    def bits_per_weight(self, block_size: int) -> float:
+    def bits_per_weight(self, block_size: int, cols: int | None = None) -> float:
+        """Stored bits per weight of rows of ``cols`` columns padded to whole groups (the same for any row length)."""
         return self.bits + _GRID_BITS / block_size
 
     def _check_group(self, block_size: int | None) -> int:
@@ -116,6 +117,20 @@ class Affine:
             return None
         return gemv_triton.affine_gemv(x, packed[""], packed["scale"], packed["min"], bits=self.bits,
                                        group=meta["block_size"], shape=meta["shape"], bias=bias)
+
+    def join_rows(self, metas: list[dict]) -> dict | None:
+        """The metadata of the weight whose rows are the given weights' rows one after the other
+        (runtime/fuse.py), or None when concatenating the stored tensors would not join them: only a
+        one-field width (2, 4, 8 bits) stores its codes row after row; 3, 5 and 6 bits store each
+        bit field for the whole matrix in turn (bitpack)."""
+        first = metas[0]
+        if len(bitpack.fields(self.bits)) != 1:
+            return None
+        for m in metas:
+            if (m["scheme"] != first["scheme"] or m["block_size"] != first["block_size"] or len(m["shape"]) != 2
+                    or m["shape"][-1] != first["shape"][-1] or m["dtype"] != first["dtype"]):
+                return None
+        return {**first, "shape": [sum(m["shape"][0] for m in metas), first["shape"][-1]]}
 
     def error_bound(self, block_size: int) -> float:
         base, per_doubling = _BOUNDS[self.bits]

@@ -187,7 +187,7 @@ def _read_tiers(manifest: Manifest, entries: list[FileEntry], headers: list, pla
                     header = regroup(header, file_groups(groups))
                     buf = relayout(buf, headers[i], header)
                 tensors = views(buf.to(dev), header)
-                bindings[i].apply(tensors)
+                bindings[i].apply(tensors, resident=True)
                 attach(groups, tensors)
             bar.update(headers[i].data_size)
     return host_layers
@@ -258,7 +258,7 @@ def load(path: str | Path, *, device: str | torch.device | None = "auto", gpu_me
         _attach_embeddings(hf, read_file(manifest.path(embed_e), header=checked_header(manifest, embed_e),
                                          check=file_check(manifest, embed_e)), dev)
     Binding.of(hf, head_e).apply(read_file(manifest.path(head_e), header=checked_header(manifest, head_e), device=dev,
-                                           check=file_check(manifest, head_e)))
+                                           check=file_check(manifest, head_e)), resident=True)
     tie_embedding_to_head(hf, manifest.embedding)
     head = hf.get_output_embeddings()
     if dev.type == "cpu" and isinstance(head, QLinear) and head.scheme.quantized:

@@ -440,7 +440,7 @@ def load_devices(path, *, devices, gpu_memory=None, host_memory="auto", max_batc
     build._attach_embeddings(hf, read_file(manifest.path(embed_e), header=checked_header(manifest, embed_e),
                                            check=file_check(manifest, embed_e)), first)
     Binding.of(hf, head_e).apply(read_file(manifest.path(head_e), header=checked_header(manifest, head_e), device=last,
-                                           check=file_check(manifest, head_e)))
+                                           check=file_check(manifest, head_e)), resident=True)
 
     pipes: dict[int, Pipeline] = {}
     for p, d in zip(parts, devs):

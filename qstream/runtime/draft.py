@@ -181,7 +181,7 @@ def build_draft(target, manifest: Manifest, plan: DraftPlan, skeleton, swap_line
         header = checked_header(manifest, e)
         buf = torch.empty(header.data_size, dtype=torch.uint8)
         file_check(manifest, e).read_into(header, buf)  # hashed while read, as every layer file
-        Binding.of(hf, e).apply(views(buf.to(dev), header))
+        Binding.of(hf, e).apply(views(buf.to(dev), header), resident=True)
         buffers_to(d_layers[i], dev)
     leftover = [n for n, p in hf.named_parameters() if p.device.type == "meta"]
     if leftover:

@@ -79,10 +79,33 @@ def attach(groups: list[Group], tensors: dict[str, torch.Tensor]) -> None:
     (made by ``views`` of a ``regroup`` layout)."""
     for g in groups:
         packed = {s: tensors[group_key(keys)] for s, keys in g.keys.items()}
+        if any(q.packed.keys() != g.keys.keys() for q in g.members):
+            packed = _join_settled(g, packed, tensors)
         bias = tensors[group_key(g.bias)] if g.bias else None
         f = FusedGemv(g.members, packed, g.meta, bias)
         for i, q in enumerate(g.members):
             q.shared = (f, i)
+
+
+def _join_settled(g: Group, spans: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Members settled into another form than the stored one (QLinear.settle: q4k's 6-bit grid
+    expanded to float16 scale and min): the stored tensors they still use as they are (the codes)
+    come from the spans; the others are concatenated once, and each member is re-pointed at its
+    slice, so the joined weight holds no second copy."""
+    out = {}
+    members = g.members
+    for s in members[0].packed:
+        if s in spans and all(q.packed.get(s) is tensors[k] for q, k in zip(members, g.keys[s])):
+            out[s] = spans[s]  # unchanged by settling, already back to back
+            continue
+        parts = [q.packed[s] for q in members]
+        joined = torch.cat(parts)
+        out[s] = joined
+        start = 0
+        for q, p in zip(members, parts):
+            q.packed = {**q.packed, s: joined[start:start + p.shape[0]]}
+            start += p.shape[0]
+    return out
 
 
 def detach(module: torch.nn.Module) -> None:

@@ -43,9 +43,14 @@ class Binding:
                 params.append((mod, attr, meta["stored"][MAIN]))
         return Binding(tuple(qls), tuple(params))
 
-    def apply(self, tensors: dict[str, torch.Tensor]) -> None:
+    def apply(self, tensors: dict[str, torch.Tensor], *, resident: bool = False) -> None:
+        """``resident``: the tensors stay bound for good, so each QLinear may convert them once into
+        its scheme's run-time form (QLinear.settle). Streamed tensors are left as they are: a CUDA
+        graph captured on a staging slot must read the slot itself on every replay."""
         for q, keys, bias_key in self.qlinears:
             q.bind({suffix: tensors[key] for suffix, key in keys.items()}, tensors[bias_key] if bias_key else None)
+            if resident:
+                q.settle()
         for module, attr, key in self.params:
             set_param(module, attr, tensors[key])
 

@@ -32,6 +32,13 @@ class QLinear(nn.Module):
         self.bias_t = bias
         self._dense = None
 
+    def settle(self) -> None:
+        """Weights that stay bound for good: keep them in the scheme's run-time form, when it has one
+        (q4k's 6-bit grid expanded once to float16 scales instead of on every call)."""
+        form = getattr(self.scheme, "resident_form", None)
+        if form is not None and self.packed:
+            self.packed = form(self.packed, self.meta)
+
     def weight_dense(self) -> torch.Tensor:
         if self._dense is not None:
             return self._dense
