@@ -56,13 +56,13 @@ TARGET_CANDIDATES = ("q3", "q4", "q5", "q6", "q8")
 TARGET_WIDE_GROUP = ("q3", "q4", "q5")
 # recipes of the k-quant family (scheme q3k, q4k, ...: 6-bit grids, quant/kquant.py) choose among their own
 # family at the recipe's group, the two smallest at twice it, and q8 at 64 for the most sensitive weights
-K_TARGET_CANDIDATES = ("q3k", "q4k", "q5k", "q6k")
+K_TARGET_CANDIDATES = ("q2k", "q3k", "q4k", "q5k", "q6k")
 K_TARGET_WIDE_GROUP = ("q3k", "q4k")
 K_TARGET_TOP = ("q8", 64)
 MIN_TARGET_BITS, MAX_TARGET_BITS = 3.25, 8.5  # q3 and q8 at groups of 128 (their float16 scale+min cost 0.25)
 _DRAFT_KEYS = {"scheme": str, "block_size": int, "group_size": int}
 # a draft must be much cheaper than the target to pay: 2 to 4 bits (fitted affine groups, or nf4)
-DRAFT_SCHEMES = ("q2", "q3", "q4", "nf4")
+DRAFT_SCHEMES = ("q2", "q3", "q4", "q2k", "q3k", "q4k", "nf4")
 _OVERRIDE_KEYS = {"pattern": str, "scheme": str, "block_size": int, "group_size": int}
 _TIED_HEAD_KEYS = {"scheme": str, "block_size": int, "group_size": int}
 # Tied models store the embedding/head matrix once (the embedding is looked up from the head's codes).

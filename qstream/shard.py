@@ -356,6 +356,8 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
     written = resumed = moved = 0
     entries: list[FileEntry] = []
     cal = _calibrator(recipe, source, prefix, dev) if recipe.calibration is not None else None
+    # a calibrated recipe's draft is fitted to the same activations (imatrix), collected on the way
+    draft_importance = {} if cal is not None and recipe.draft is not None else None
     tied_start = {}  # calibration: the embedding as the runtime will see it (the stored head, dequantized)
     if cal is not None and embedding is not None:
         tied_start = _tied_embedding_as_stored(source, embedding, specs[TIED_HEAD], dev, compute_dtype)
@@ -369,7 +371,7 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
             # calibration carries activations through every layer: compute even a resumed unit
             # (deterministic), write it only if it is not intact
             tensors, metas = _calibrated_unit(cal, unit, members, source, read_as, specs, dev, compute_dtype,
-                                              tied_start, recipe.calibration.method)
+                                              tied_start, recipe.calibration.method, draft_importance)
             moved += sum(math.prod(shapes[n]) * 4 for n in members)
             if _intact(path, done.get(fname)):
                 entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
@@ -404,7 +406,8 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
     bar.close()
     if recipe.draft is not None:
         from .shard_draft import write_drafts  # (as above)
-        drafts, w, r = write_drafts(recipe, source, out, units, read_as, shapes, journal, dev, compute_dtype, progress)
+        drafts, w, r = write_drafts(recipe, source, out, units, read_as, shapes, journal, dev, compute_dtype, progress,
+                                    draft_importance)
         entries += drafts
         written, resumed = written + w, resumed + r
 
@@ -551,15 +554,19 @@ TRUE_SEQUENTIAL = True
 
 def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, read_as: dict[str, str],
                      specs: dict[str, QuantSpec], dev: torch.device, compute_dtype: torch.dtype,
-                     tied_start: dict[str, torch.Tensor], method: str = "gptq"):
+                     tied_start: dict[str, torch.Tensor], method: str = "gptq",
+                     importance: dict[str, torch.Tensor] | None = None):
     """Embeddings: stored as usual, and they start the calibration (with ``tied_start``, a tied embedding
     stored in the head file, added). Layer i: its linears' Hessians on
     the current (already-quantized-upstream) activations, GPTQ for affine schemes, then the layer as
-    stored (dequantized) produces layer i+1's inputs."""
+    stored (dequantized) produces layer i+1's inputs. ``importance`` (a dict to fill, when the recipe has
+    a draft): every 2-D linear's diag(H), the mean squared input of each column, for the draft's fit."""
     raw = {n: _read_source(source, read_as[n]) for n in members}
     tensors, metas, runtime = {}, {}, {}
 
     def store(n: str, hessian: torch.Tensor | None) -> None:
+        if importance is not None and hessian is not None:
+            importance[n] = torch.diagonal(hessian).float().cpu()
         packed, meta = _quantize_tensor(raw[n], specs[n], dev, compute_dtype, hessian, method)
         runtime[n] = dequantize(packed, meta, dtype=torch.float32) if raw[n].is_floating_point() else raw[n]
         keyed, meta["stored"] = pack_stored(n, {k: t.contiguous().cpu() for k, t in packed.items()})
@@ -571,7 +578,8 @@ def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, rea
         i = int(unit.split("_")[1])
         # true-sequential (GPTQ's option): the linears of one stage (q/k/v, then o, gate/up, down) get
         # their Hessians from inputs that went through the already-quantized stages of this layer
-        todo = [n for n in members if isinstance(get_scheme(specs[n].scheme), Affine) and raw[n].dim() == 2]
+        todo = [n for n in members if (isinstance(get_scheme(specs[n].scheme), Affine) or importance is not None)
+                and raw[n].dim() == 2]
         while todo:
             hessians = cal.collect(i, {**raw, **{n: runtime[n] for n in runtime}})
             stage = next((s for s in cal.stages if any(n in todo for n in s)), None)

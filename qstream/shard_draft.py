@@ -9,7 +9,9 @@ before it exists, so resume, ``--force`` and ``qstream verify`` treat it like an
 Only decoder layers get a copy: embeddings, head and final norm are shared with the target
 at run time (runtime/draft.py), and so is every layer the tier plan keeps resident; the
 low-bit copy stands in only for layers the target streams. The draft is quantized from the
-source weights (not from the target's shards), without calibration.
+source weights (not from the target's shards); with the recipe's calibration its fitted schemes
+(q2 ... q4, q2k ... q4k) fit each group to the activation-weighted error (imatrix) on the inputs the
+target's layers saw, which matters most at 2-3 bits.
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ from tqdm.auto import tqdm
 
 from .dtypes import KEEP_SCHEME
 from .quant import QuantSpec, get_scheme
+from .quant.affine import Affine
 from .recipe import Recipe
 from .shard import _intact, _read_source, _store_tensor, _with_fast_hash, is_quantizable
 from .store.files import atomic_write_bytes, safe_member
 from .store.integrity import fast_digest
 from .store.manifest import FileEntry, write_journal
-from .store.tensors import save_bytes
+from .store.tensors import pack_stored, save_bytes
 
 DRAFT_KIND = "draft"
 
@@ -60,9 +63,10 @@ def draft_plan(recipe: Recipe, units: dict[str, list[str]], shapes: dict) -> dic
 
 def write_drafts(recipe: Recipe, source, out: Path, units: dict[str, list[str]], read_as: dict[str, str],
                  shapes: dict, journal: dict, dev: torch.device, compute_dtype: torch.dtype,
-                 progress: bool) -> tuple[list[FileEntry], int, int]:
+                 progress: bool, importance: dict[str, torch.Tensor] | None = None) -> tuple[list[FileEntry], int, int]:
     """Write (or keep, when intact) one draft file per decoder layer. ``journal`` is the run's
     journal (its ``files`` are the finished ones; the draft names are already ``planned``).
+    ``importance``: name -> mean squared input per column (calibration), for the imatrix fit.
     Returns the entries, files written and files resumed."""
     done = journal["files"]
     entries, written, resumed = [], 0, 0
@@ -77,7 +81,14 @@ def write_drafts(recipe: Recipe, source, out: Path, units: dict[str, list[str]],
         tensors, metas = {}, {}
         for n in layers[i]:
             w = _read_source(source, read_as[n])
-            keyed, metas[n] = _store_tensor(n, w, draft_spec(recipe, n, shapes[n]), dev, compute_dtype)
+            spec = draft_spec(recipe, n, shapes[n])
+            scheme = get_scheme(spec.scheme)
+            if importance and n in importance and isinstance(scheme, Affine):
+                packed, meta = scheme.quantize(w.to(dev), spec.block_size, importance=importance[n].to(dev))
+                keyed, meta["stored"] = pack_stored(n, {k: t.contiguous().cpu() for k, t in packed.items()})
+                metas[n] = meta
+            else:
+                keyed, metas[n] = _store_tensor(n, w, spec, dev, compute_dtype)
             tensors.update(keyed)
             del w
         data = save_bytes(tensors, {"qstream": json.dumps(metas, sort_keys=True)})

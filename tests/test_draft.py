@@ -183,3 +183,42 @@ def test_cli_shard_with_draft_and_bench_speculate_in_dir(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "drafted tokens accepted" in text and "forwards of" in text and "in-directory" in text
     assert "greedy output" in text  # identical or not: bfloat16 on CPU may break near-ties (the fp32 tests check exactness)
+
+
+def test_a_calibrated_recipe_fits_its_draft_to_the_activations(tmp_path):
+    """With calibration, the draft's groups are fitted to the activation-weighted error (imatrix) on the
+    inputs the target's layers saw (its codes differ from the calibration-free draft's), and the
+    directory still decodes exactly (q2k draft, fp32 target: the calibration serves the draft alone)."""
+    from safetensors.torch import load_file
+
+    from qstream.quant import dequantize
+    from qstream.store.tensors import stored_keys
+
+    src = make_tiny(tmp_path / "m", "llama")
+    byte_tokenizer(src)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog while numbers 0123456789 count. " * 60)
+    draft = {"scheme": "q2k", "group_size": 32}
+    cal = shard_to(tmp_path / "cal", src, "fp32", compute_dtype="float32", draft=draft,
+                   calibration={"text_file": str(text), "tokens": 1024, "method": "imatrix"})
+    plain = shard_to(tmp_path / "plain", src, "fp32", compute_dtype="float32", draft=draft)
+    ref = load_file(src / "model.safetensors")
+    x = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(0))
+    name = "model.layers.1.mlp.down_proj.weight"  # its inputs (SiLU-gated) are far from white
+    errs = {}
+    for label, d in (("cal", cal), ("plain", plain)):
+        f = read_manifest(d).draft_files()[1]
+        meta = f.tensors[name]
+        raw = load_file(d / f.name)
+        w = dequantize({s: raw[k] for s, k in stored_keys(meta).items()}, meta, dtype=torch.float32)
+        errs[label] = w - ref[name]
+    assert not torch.equal(errs["cal"], errs["plain"])  # the calibrated fit ran on the draft
+    model = qstream.load(cal, draft=True, gpu_memory=_mixed_budget(cal), **LOAD)
+    try:
+        assert model.draft.drafted  # some layers run their calibrated q2k copy
+        cfg = SamplingConfig(max_new_tokens=12)
+        want = generate_ids(model, x[:, :8], torch.ones_like(x[:, :8]), cfg).new_tokens[0]
+        got = speculative_generate_ids(model, model.draft, x[:, :8], cfg, SpecConfig(budget=8, fallback=False))
+    finally:
+        model.close()
+    assert got.new_tokens[0] == want

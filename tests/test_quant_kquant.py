@@ -123,7 +123,7 @@ def test_recipe_rules_for_the_k_family(tmp_path):
                       "calibration": {"text_file": str(text), "method": "gptq"}})
     # the candidates of target_bits_per_weight stay in the recipe's family
     names = {(s.scheme, s.block_size) for s in parse_recipe({**base, "target_bits_per_weight": 4.5}).target_candidates()}
-    assert names == {("q3k", 32), ("q4k", 32), ("q5k", 32), ("q6k", 32), ("q3k", 64), ("q4k", 64), ("q8", 64)}
+    assert names == {("q2k", 32), ("q3k", 32), ("q4k", 32), ("q5k", 32), ("q6k", 32), ("q3k", 64), ("q4k", 64), ("q8", 64)}
     assert all(not s.scheme.endswith("k") for s in parse_recipe({**base, "scheme": "q4", "group_size": 64}).target_candidates())
     # `head` is the other spelling of `tied_head`
     assert parse_recipe({**base, "head": "q8"}).to_dict() == parse_recipe({**base, "tied_head": "q8"}).to_dict()
@@ -164,7 +164,7 @@ def test_k_shards_budget_untied_head_and_runtime(tmp_path):
                 params += meta["shape"][0] * meta["shape"][1]
                 bits += SCHEMES[meta["scheme"]].bits_per_weight(meta["block_size"], cols=meta["shape"][1]) \
                     * meta["shape"][0] * meta["shape"][1]
-    assert schemes <= {"q3k", "q4k", "q5k", "q6k", "q8"} and "q4k" in schemes | {"q3k"}
+    assert schemes <= {"q2k", "q3k", "q4k", "q5k", "q6k", "q8"} and "q4k" in schemes | {"q3k"}
     assert bits <= 4.5 * params * 1.01  # the grid codes' padding to whole bytes is not in bits_per_weight
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
