@@ -107,16 +107,17 @@ def test_triton_dequantization_equals_the_torch_path(bits, group, cols):
     torch.testing.assert_close(fast.cpu(), ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_fused_sibling_gemv_gives_the_unfused_tokens(tmp_path, arch):
-    """q/k/v and gate/up as one bitsandbytes gemv per group (runtime/fuse.py) against one gemv
-    per linear: each output row is the same reduction over the same codes, so the tokens (and,
-    up to reduction order, the logits) are the same."""
+@pytest.mark.parametrize("arch,scheme,group", [("llama", "nf4", 64), ("qwen2", "nf4", 64), ("llama", "q4", 64),
+                                               ("qwen2", "q4k", 32)])
+def test_fused_sibling_gemv_gives_the_unfused_tokens(tmp_path, arch, scheme, group):
+    """q/k/v and gate/up as one gemv per group (runtime/fuse.py; bitsandbytes' for nf4, ours for q4 and
+    q4k with its settled grids) against one gemv per linear: each output row is the same reduction over
+    the same codes, so the tokens (and, up to reduction order, the logits) are the same."""
     import qstream
     from qstream.generate import SamplingConfig, generate_ids
 
     src = make_tiny(tmp_path / "m", arch, num_hidden_layers=4, hidden_size=256, intermediate_size=512)
-    out = shard_to(tmp_path, src, "nf4", compute_dtype="bfloat16")
+    out = shard_to(tmp_path, src, scheme, compute_dtype="bfloat16", block_size=group)
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(4))
     tokens, fused_groups = {}, {}
     for fuse in (False, True):
