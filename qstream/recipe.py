@@ -58,7 +58,9 @@ TARGET_WIDE_GROUP = ("q3", "q4", "q5")
 # family at the recipe's group, the two smallest at twice it, and q8 at 64 for the most sensitive weights
 K_TARGET_CANDIDATES = ("q2k", "q3k", "q4k", "q5k", "q6k")
 K_TARGET_WIDE_GROUP = ("q3k", "q4k")
+K_TARGET_FINE_GROUP = ("q3k",)  # ... and at half of it: 3-bit codes on groups of 16 cost ~4 bits, less than q4k
 K_TARGET_TOP = ("q8", 64)
+K_DEFAULT_GROUP = 32
 MIN_TARGET_BITS, MAX_TARGET_BITS = 3.25, 8.5  # q3 and q8 at groups of 128 (their float16 scale+min cost 0.25)
 _DRAFT_KEYS = {"scheme": str, "block_size": int, "group_size": int}
 # a draft must be much cheaper than the target to pay: 2 to 4 bits (fitted affine groups, or nf4)
@@ -133,6 +135,8 @@ class Recipe:
             out = [QuantSpec(s, self.block_size) for s in K_TARGET_CANDIDATES]
             out += [QuantSpec(s, 2 * self.block_size) for s in K_TARGET_WIDE_GROUP
                     if 2 * self.block_size in get_scheme(s).block_sizes]
+            out += [QuantSpec(s, self.block_size // 2) for s in K_TARGET_FINE_GROUP
+                    if self.block_size // 2 in get_scheme(s).block_sizes]
             return out + [QuantSpec(*K_TARGET_TOP)]
         out = [QuantSpec(s, self.block_size) for s in TARGET_CANDIDATES]
         wide = 2 * self.block_size
@@ -227,9 +231,10 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     _check_fields(source, data, _TOP_KEYS, ("model", "output"))
     data = _resolve_aliases(source, data)
     scheme = data.get("scheme", "nf4")
-    block_size = data.get("block_size", 64)
     if scheme not in SCHEMES:
         raise RecipeError(f"{source}: field 'scheme': unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    # the k-schemes are made for groups of 32 (bits + 0.5 per weight, as q-schemes at 64)
+    block_size = data.get("block_size", K_DEFAULT_GROUP if isinstance(get_scheme(scheme), KAffine) else 64)
     check_spec(scheme, block_size if get_scheme(scheme).block_sizes else None, where=f"{source}: field 'block_size'")
     compute_dtype = data.get("compute_dtype", "bfloat16")
     if compute_dtype not in COMPUTE_DTYPES:

@@ -67,13 +67,36 @@ VARIANTS["q4-g64-headq8"] = ("q4", 64, "q8")
 VARIANTS["q8-g64-headbf16"] = ("q8", 64, "bf16")
 VARIANTS["q8-g128-headbf16"] = ("q8", 128, "bf16")
 VARIANTS["q8-g64"] = ("q8", 64, None)
+VARIANTS["q4-g32-headbf16"] = ("q4", 32, "bf16")
+CALIBRATED["imatrix-q4-g32-headbf16"] = ("q4-g32-headbf16", "imatrix")
+# the k-quant family (6-bit grids, quant/kquant.py): groups of 32 at the bits of the q-schemes at 64
+for _b in (3, 4):
+    VARIANTS[f"q{_b}k-g32-headbf16"] = (f"q{_b}k", 32, "bf16")
+    VARIANTS[f"q{_b}k-g32-headq8"] = (f"q{_b}k", 32, "q8")
+    VARIANTS[f"q{_b}k-g32-headq6k"] = (f"q{_b}k", 32, "q6k")
+    for _h in ("bf16", "q8", "q6k"):
+        CALIBRATED[f"imatrix-q{_b}k-g32-head{_h}"] = (f"q{_b}k-g32-head{_h}", "imatrix")
+# uniform 4-bit at about 4 bits per weight, the size of target_bits_per_weight: 4.0
+VARIANTS["q4k-g64-headbf16"] = ("q4k", 64, "bf16")  # 4.25
+# k-recipes at groups of 64, which do not align with SmolLM2's Q4_1 source blocks of 32
+VARIANTS["q4k-g64-headq6k"] = ("q4k", 64, "q6k")
+VARIANTS["q3k-g64-headbf16"] = ("q3k", 64, "bf16")
+VARIANTS["q4-g256-headbf16"] = ("q4", 256, "bf16")  # 4.125
+CALIBRATED["imatrix-q4k-g64-headbf16"] = ("q4k-g64-headbf16", "imatrix")
+CALIBRATED["imatrix-q4-g256-headbf16"] = ("q4-g256-headbf16", "imatrix")
 # target_bits_per_weight (per-weight scheme among q3..q8, knapsack) at the size of a uniform variant
 TARGETED = {"mixed4.5-g64-headbf16": ("q4-g64-headbf16", 4.5), "mixed3.5-g64-headbf16": ("q3-g64-headbf16", 3.5)}
 for _m, _base, _t in (("gptq", "q4-g64-headbf16", 4.5), ("imatrix", "q4-g64-headbf16", 4.5),
-                      ("imatrix", "q3-g64-headbf16", 3.5), ("imatrix", "q4-g64-headbf16", 4.0)):
+                      ("imatrix", "q3-g64-headbf16", 3.5), ("imatrix", "q4-g64-headbf16", 4.0),
+                      ("imatrix", "q4k-g32-headbf16", 4.5), ("imatrix", "q4k-g32-headq8", 4.5),
+                      ("imatrix", "q4k-g32-headq6k", 4.5), ("imatrix", "q3k-g32-headbf16", 3.5),
+                      ("imatrix", "q3k-g32-headq8", 3.5), ("imatrix", "q3k-g32-headq6k", 3.5),
+                      ("imatrix", "q4k-g32-headbf16", 4.0), ("imatrix", "q4k-g64-headq6k", 4.5),
+                      ("imatrix", "q3k-g64-headbf16", 3.5), ("imatrix", "q4k-g64-headbf16", 4.0)):
     # both: the knapsack's errors weighted by calibration inputs, then the method on the schemes it picks
-    CALIBRATED[f"{_m}-mixed{_t}-g64-headbf16"] = (_base, _m)
-    TARGETED[f"{_m}-mixed{_t}-g64-headbf16"] = (_base, _t)
+    _name = f"{_m}-mixed{_t}-{'k-' if _base.split('-')[0].endswith('k') else ''}{_base.split('-', 1)[1]}"
+    CALIBRATED[_name] = (_base, _m)
+    TARGETED[_name] = (_base, _t)
 VARIANTS.update({k: VARIANTS[v] for k, (v, _) in CALIBRATED.items()})
 VARIANTS.update({k: VARIANTS[v] for k, (v, _) in TARGETED.items()})
 DEFAULT = "bf16,q4-g64,q4-g128-headbf16,q4-g64-headbf16,q4-g128-headq5,q3-g128-headq4,q8-g128,nf4-g64,q2-g64,int8-g64"

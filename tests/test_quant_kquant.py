@@ -123,8 +123,9 @@ def test_recipe_rules_for_the_k_family(tmp_path):
                       "calibration": {"text_file": str(text), "method": "gptq"}})
     # the candidates of target_bits_per_weight stay in the recipe's family
     names = {(s.scheme, s.block_size) for s in parse_recipe({**base, "target_bits_per_weight": 4.5}).target_candidates()}
-    assert names == {("q2k", 32), ("q3k", 32), ("q4k", 32), ("q5k", 32), ("q6k", 32), ("q3k", 64), ("q4k", 64), ("q8", 64)}
+    assert names == {("q2k", 32), ("q3k", 32), ("q4k", 32), ("q5k", 32), ("q6k", 32), ("q3k", 64), ("q4k", 64), ("q3k", 16), ("q8", 64)}
     assert all(not s.scheme.endswith("k") for s in parse_recipe({**base, "scheme": "q4", "group_size": 64}).target_candidates())
+    assert parse_recipe({"model": "m", "output": "o", "scheme": "q3k"}).block_size == 32  # the k default group
     # `head` is the other spelling of `tied_head`
     assert parse_recipe({**base, "head": "q8"}).to_dict() == parse_recipe({**base, "tied_head": "q8"}).to_dict()
     with pytest.raises(RecipeError, match="'head' is an alias of 'tied_head'"):

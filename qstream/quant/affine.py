@@ -68,6 +68,20 @@ class Affine:
         each group's grid minimizes the importance-weighted squared error (:func:`.hqq.fit_weighted`)
         instead of HQQ's unweighted objective. The stored format is the same either way."""
         g = self._check_group(block_size)
+        x, mask, imp = self._groups(w, g, importance)
+        if imp is None:
+            codes, scale, low = fit(x, self.bits, mask=mask, cfg=self.cfg)
+        else:
+            codes, scale, low = fit_weighted(x, self.bits, imp, mask=mask)
+        rows = math.prod(w.shape[:-1])
+        groups = x.shape[0] // rows
+        packed = {"": bitpack.pack(codes, self.bits), "scale": scale.view(rows, groups), "min": low.view(rows, groups)}
+        meta = {"scheme": self.name, "shape": list(w.shape), "dtype": DTYPE_NAMES.get(w.dtype, "float32"), "block_size": g}
+        return packed, meta
+
+    def _groups(self, w: torch.Tensor, g: int, importance: torch.Tensor | None):
+        """w [..., cols] -> (groups [G, g] float32, padding mask [G, g] or None, importance [G, g] or None).
+        Rows are padded to whole groups by repeating their last value (every group's min and max stay)."""
         if w.dim() == 0 or w.numel() == 0:
             raise ValueError(f"{self.name}: cannot quantize a tensor of shape {tuple(w.shape)}")
         if not w.is_floating_point():
@@ -79,23 +93,17 @@ class Affine:
         pad = -cols % g
         mask = None
         if pad:
-            # repeat the last value: it leaves every group's min and max unchanged
             x = torch.cat([x, x[:, -1:].expand(-1, pad)], dim=1)
             mask = torch.ones_like(x)
             mask[:, cols:] = 0
             mask = mask.view(-1, g)
-        if importance is None:
-            codes, scale, low = fit(x.view(-1, g), self.bits, mask=mask, cfg=self.cfg)
-        else:
+        imp = None
+        if importance is not None:
             if importance.shape != (cols,):
                 raise ValueError(f"{self.name}: importance has shape {tuple(importance.shape)}, expected ({cols},)")
             imp = importance.float().to(x.device).clamp_min(0)
             imp = torch.cat([imp, imp.new_zeros(pad)]).expand(x.shape[0], -1).reshape(-1, g)
-            codes, scale, low = fit_weighted(x.view(-1, g), self.bits, imp, mask=mask)
-        rows, groups = x.shape[0], x.shape[1] // g
-        packed = {"": bitpack.pack(codes, self.bits), "scale": scale.view(rows, groups), "min": low.view(rows, groups)}
-        meta = {"scheme": self.name, "shape": list(w.shape), "dtype": DTYPE_NAMES.get(w.dtype, "float32"), "block_size": g}
-        return packed, meta
+        return x.reshape(-1, g), mask, imp
 
     def dequantize(self, packed: dict[str, torch.Tensor], meta: dict, *, dtype: torch.dtype) -> torch.Tensor:
         shape = torch.Size(meta["shape"])

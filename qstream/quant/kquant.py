@@ -83,6 +83,8 @@ class KAffine(Affine):
     def quantize(self, w: torch.Tensor, block_size: int | None,
                  importance: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         g = self._check_group(block_size)
+        if w.dim() != 2:
+            raise ValueError(f"{self.name}: expected a 2-D weight, got shape {tuple(w.shape)}")
         x, mask, imp = self._groups(w, g, importance)  # [G, g] float32
         rows = x.shape[0] * g // _padded_cols(w.shape[-1], g)
         qmax = (1 << self.bits) - 1
@@ -143,31 +145,6 @@ class KAffine(Affine):
         meta = {"scheme": self.name, "shape": list(w.shape), "dtype": DTYPE_NAMES.get(w.dtype, "float32"),
                 "block_size": g}
         return packed, meta
-
-    def _groups(self, w: torch.Tensor, g: int, importance: torch.Tensor | None):
-        """w -> (x [G, g] float32, mask or None, importance [G, g] or None), rows padded as in Affine."""
-        if w.dim() != 2 or w.numel() == 0:
-            raise ValueError(f"{self.name}: expected a non-empty 2-D weight, got shape {tuple(w.shape)}")
-        if not w.is_floating_point():
-            raise ValueError(f"{self.name}: expected a floating-point weight, got {w.dtype}")
-        if w.abs().amax().item() > torch.finfo(torch.float16).max:
-            raise ValueError(f"{self.name}: weight magnitude exceeds float16's range (the grid is stored in float16)")
-        cols = w.shape[-1]
-        x = w.float()
-        pad = -cols % g
-        mask = None
-        if pad:
-            x = torch.cat([x, x[:, -1:].expand(-1, pad)], dim=1)  # the last value: min and max unchanged
-            mask = torch.ones_like(x)
-            mask[:, cols:] = 0
-            mask = mask.view(-1, g)
-        imp = None
-        if importance is not None:
-            if importance.shape != (cols,):
-                raise ValueError(f"{self.name}: importance has shape {tuple(importance.shape)}, expected ({cols},)")
-            imp = importance.float().to(x.device).clamp_min(0)
-            imp = torch.cat([imp, imp.new_zeros(pad)]).expand(x.shape[0], -1).reshape(-1, g)
-        return x.reshape(-1, g), mask, imp
 
     def affine_form(self, packed: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
         """The same weight in :mod:`.affine`'s stored form: codes plus float16 scale and min per group."""
