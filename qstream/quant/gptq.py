@@ -64,16 +64,16 @@ def _order(d: torch.Tensor, group: int, act_order: str) -> torch.Tensor:
     diag(H), columns inside a group by descending diag(H); a group's columns stay together, so its
     grid can still be fitted on the error-fed weights when it starts. ``static``: every column by
     descending diag(H) (GPTQ's act-order); grids must then be fixed before (static groups)."""
-    cols = d.numel()
+    cols, dev = d.numel(), d.device
     if act_order == "none":
-        return torch.arange(cols)
+        return torch.arange(cols, device=dev)
     if act_order == "static":
         return torch.argsort(d, descending=True, stable=True)
-    gid = torch.arange(cols) // group
-    gsum = torch.zeros(int(gid[-1]) + 1, dtype=d.dtype).index_add_(0, gid, d)
+    gid = torch.arange(cols, device=dev) // group
+    gsum = torch.zeros(int(gid[-1]) + 1, dtype=d.dtype, device=dev).index_add_(0, gid, d)
     parts = []
     for g in torch.argsort(gsum, descending=True, stable=True).tolist():
-        idx = torch.arange(g * group, min(cols, (g + 1) * group))
+        idx = torch.arange(g * group, min(cols, (g + 1) * group), device=dev)
         parts.append(idx[torch.argsort(d[idx], descending=True, stable=True)])
     return torch.cat(parts)
 
@@ -98,20 +98,22 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *, block
     d[dead] = 0
     qmax = (1 << bits) - 1
     groups = -(-cols // group)
-    gid = torch.arange(cols) // group
-    scales = torch.zeros(rows, groups, dtype=torch.float16)
-    lows = torch.zeros(rows, groups, dtype=torch.float16)
+    dev = W.device  # every index and result on the weight's device (CUDA while sharding on a GPU)
+    gid = torch.arange(cols, device=dev) // group
+    scales = torch.zeros(rows, groups, dtype=torch.float16, device=dev)
+    lows = torch.zeros(rows, groups, dtype=torch.float16, device=dev)
     if act_order == "static":  # grids from the original weights, before any error feedback
         for g in range(groups):
             sl = slice(g * group, min(cols, (g + 1) * group))
             scales[:, g], lows[:, g] = _group_grid(W[:, sl], bits, group, grid, d[sl])
     perm = _order(d, group, act_order)
-    W, H, pgid, pd = W[:, perm], H[perm][:, perm], gid[perm], d[perm]
-    idx = torch.arange(cols)
+    W, H, pd = W[:, perm], H[perm][:, perm], d[perm]
+    pgid, cols_of = gid[perm].cpu(), perm.tolist()  # the per-column bookkeeping below runs in Python: keep it off the GPU
+    idx = torch.arange(cols, device=dev)
     H[idx, idx] += damp * torch.mean(torch.diag(H))
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=dev)
     # blocks of whole groups (in processing order), so that a group's grid comes from up-to-date weights
     starts = [0] + [p for p in range(1, cols) if pgid[p] != pgid[p - 1]] if act_order != "static" else list(range(cols))
     bounds, b0 = [], 0
@@ -135,7 +137,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, *, block
             scale, low = scales[:, g].float().unsqueeze(1), lows[:, g].float().unsqueeze(1)
             wc = W1[:, i:i + 1]
             q = codes_for(wc, scale, low, qmax)
-            codes[:, perm[col]] = q.squeeze(1).to(torch.uint8)
+            codes[:, cols_of[col]] = q.squeeze(1).to(torch.uint8)
             err = (wc - (q * scale + low)).squeeze(1) / Hinv1[i, i]
             Err1[:, i] = err
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
