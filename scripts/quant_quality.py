@@ -82,6 +82,7 @@ VARIANTS["q4k-g64-headbf16"] = ("q4k", 64, "bf16")  # 4.25
 VARIANTS["q4k-g64-headq6k"] = ("q4k", 64, "q6k")
 VARIANTS["q3k-g64-headbf16"] = ("q3k", 64, "bf16")
 VARIANTS["q4-g256-headbf16"] = ("q4", 256, "bf16")  # 4.125
+VARIANTS["nf4-g4096-headbf16"] = ("nf4", 4096, "bf16")  # 4.008
 CALIBRATED["imatrix-q4k-g64-headbf16"] = ("q4k-g64-headbf16", "imatrix")
 CALIBRATED["imatrix-q4-g256-headbf16"] = ("q4-g256-headbf16", "imatrix")
 # target_bits_per_weight (per-weight scheme among q3..q8, knapsack) at the size of a uniform variant
