@@ -93,7 +93,8 @@ for _m, _base, _t in (("gptq", "q4-g64-headbf16", 4.5), ("imatrix", "q4-g64-head
                       ("imatrix", "q4k-g32-headq6k", 4.5), ("imatrix", "q3k-g32-headbf16", 3.5),
                       ("imatrix", "q3k-g32-headq8", 3.5), ("imatrix", "q3k-g32-headq6k", 3.5),
                       ("imatrix", "q4k-g32-headbf16", 4.0), ("imatrix", "q4k-g64-headq6k", 4.5),
-                      ("imatrix", "q3k-g64-headbf16", 3.5), ("imatrix", "q4k-g64-headbf16", 4.0)):
+                      ("imatrix", "q3k-g64-headbf16", 3.5), ("imatrix", "q4k-g64-headbf16", 4.0),
+                      ("imatrix", "q4k-g64-headbf16", 4.24), ("imatrix", "q4k-g64-headbf16", 4.5)):
     # both: the knapsack's errors weighted by calibration inputs, then the method on the schemes it picks
     _name = f"{_m}-mixed{_t}-{'k-' if _base.split('-')[0].endswith('k') else ''}{_base.split('-', 1)[1]}"
     CALIBRATED[_name] = (_base, _m)
