@@ -35,7 +35,7 @@ import torch
 
 from ..dtypes import DTYPE_NAMES
 from ..errors import RecipeError
-from . import bitpack
+from . import bitpack, gemv_triton
 from .affine import Affine
 from .hqq import _wls, codes_for, fit, fit_weighted
 
@@ -172,15 +172,14 @@ class KAffine(Affine):
 
     def gemv(self, x: torch.Tensor, packed: dict[str, torch.Tensor], meta: dict,
              bias: torch.Tensor | None) -> torch.Tensor | None:
-        if "grid" in packed:
-            from . import gemv_triton  # noqa: PLC0415 - only to skip the grid expansion when no kernel applies
+        if "grid" in packed:  # a streamed weight: expand its grid, but only when the fused kernel will run
             if len(meta["shape"]) != 2 or not gemv_triton.available(x):
                 return None
             packed = self.affine_form(packed, meta)
         return super().gemv(x, packed, meta, bias)
 
     def error_bound(self, block_size: int) -> float:
-        # the 6-bit grid costs a little against float16's (tests/test_quant_kquant.py measures it)
+        # the 6-bit grid costs a little against float16's (tests/test_quant_kquant.py compares the two)
         base, per_doubling = _K_BOUNDS[self.bits]
         return base + per_doubling * math.log2(block_size / 32)
 
@@ -195,5 +194,5 @@ def _padded_cols(cols: int, g: int) -> int:
 
 
 # Relative Frobenius error on Gaussian weights at group 32 and its growth per doubling of the group,
-# with ~10% headroom (measured by tests/test_quant_kquant.py)
+# with ~10% headroom over q-schemes' (checked by tests/test_quant.py and tests/test_quant_kquant.py)
 _K_BOUNDS = {2: (0.36, 0.022), 3: (0.17, 0.022), 4: (0.083, 0.012), 5: (0.041, 0.006), 6: (0.021, 0.003)}
