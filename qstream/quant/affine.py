@@ -57,9 +57,9 @@ class Affine:
         return self.bits + _GRID_BITS / block_size
 
     def _check_group(self, block_size: int | None) -> int:
-        if block_size not in GROUP_SIZES:
+        if block_size not in self.block_sizes:
             raise RecipeError(f"field 'block_size' (group size) {block_size} is not supported by {self.name}; "
-                              f"use one of {', '.join(map(str, GROUP_SIZES))}")
+                              f"use one of {', '.join(map(str, self.block_sizes))}")
         return block_size
 
     def quantize(self, w: torch.Tensor, block_size: int | None,

@@ -34,7 +34,6 @@ import math
 import torch
 
 from ..dtypes import DTYPE_NAMES
-from ..errors import RecipeError
 from . import bitpack, gemv_triton
 from .affine import Affine
 from .hqq import _wls, codes_for, fit, fit_weighted
@@ -73,12 +72,6 @@ class KAffine(Affine):
             return self.bits + 2 * GRID_BITS / block_size + 32 / (SUPER_GROUPS * block_size)
         groups = -(-cols // block_size)
         return self.bits + 2 * GRID_BITS / block_size + 32 * super_layout(groups)[0] / (groups * block_size)
-
-    def _check_group(self, block_size: int | None) -> int:
-        if block_size not in K_GROUP_SIZES:
-            raise RecipeError(f"field 'block_size' (group size) {block_size} is not supported by {self.name}; "
-                              f"use one of {', '.join(map(str, K_GROUP_SIZES))}")
-        return block_size
 
     def quantize(self, w: torch.Tensor, block_size: int | None,
                  importance: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
