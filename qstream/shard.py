@@ -512,24 +512,26 @@ def _allocate_specs(recipe: Recipe, source, prefix: str, units: dict[str, list[s
 
 
 def _quantize_tensor(w: torch.Tensor, spec: QuantSpec, dev: torch.device, compute_dtype: torch.dtype,
-                     hessian: torch.Tensor | None = None, method: str = "gptq") -> tuple[dict[str, torch.Tensor], dict]:
+                     hessian: torch.Tensor | None = None, method: str = "gptq",
+                     importance: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """One source tensor -> (packed, meta). Quantized schemes run on ``dev`` (fast on CUDA); pass-through
     keeps floats in the compute dtype; an affine scheme with a calibration Hessian uses GPTQ
-    (``method`` gptq) or the importance-weighted fit with diag(H) as importance (``imatrix``)."""
+    (``method`` gptq) or the importance-weighted fit with diag(H) as importance (``imatrix``), and
+    one given ``importance`` (a draft's, collected on the target's pass) that fit too."""
     scheme = get_scheme(spec.scheme)
     if hessian is not None and isinstance(scheme, Affine):
-        if method == "imatrix":
-            return scheme.quantize(w.to(dev), spec.block_size, importance=torch.diagonal(hessian).to(dev))
-        return gptq_quantize(w.to(dev), hessian.to(dev), scheme.bits, spec.block_size, scheme=spec.scheme)
+        if method != "imatrix":
+            return gptq_quantize(w.to(dev), hessian.to(dev), scheme.bits, spec.block_size, scheme=spec.scheme)
+        importance = torch.diagonal(hessian)
     if scheme.quantized:
-        return quantize(w.to(dev), spec)
+        return quantize(w.to(dev), spec, importance=importance)
     return quantize(w.to(compute_dtype) if w.is_floating_point() else w, spec)
 
 
-def _store_tensor(name: str, w: torch.Tensor, spec: QuantSpec, dev: torch.device,
-                  compute_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+def _store_tensor(name: str, w: torch.Tensor, spec: QuantSpec, dev: torch.device, compute_dtype: torch.dtype,
+                  importance: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """One source tensor -> the tensors to store under their file keys, and its metadata."""
-    packed, meta = _quantize_tensor(w, spec, dev, compute_dtype)
+    packed, meta = _quantize_tensor(w, spec, dev, compute_dtype, importance=importance)
     keyed, meta["stored"] = pack_stored(name, {k: t.contiguous().cpu() for k, t in packed.items()})
     return keyed, meta
 

@@ -24,13 +24,12 @@ from tqdm.auto import tqdm
 
 from .dtypes import KEEP_SCHEME
 from .quant import QuantSpec, get_scheme
-from .quant.affine import Affine
 from .recipe import Recipe
 from .shard import _intact, _read_source, _store_tensor, _with_fast_hash, is_quantizable
 from .store.files import atomic_write_bytes, safe_member
 from .store.integrity import fast_digest
 from .store.manifest import FileEntry, write_journal
-from .store.tensors import pack_stored, save_bytes
+from .store.tensors import save_bytes
 
 DRAFT_KIND = "draft"
 
@@ -81,14 +80,8 @@ def write_drafts(recipe: Recipe, source, out: Path, units: dict[str, list[str]],
         tensors, metas = {}, {}
         for n in layers[i]:
             w = _read_source(source, read_as[n])
-            spec = draft_spec(recipe, n, shapes[n])
-            scheme = get_scheme(spec.scheme)
-            if importance and n in importance and isinstance(scheme, Affine):
-                packed, meta = scheme.quantize(w.to(dev), spec.block_size, importance=importance[n].to(dev))
-                keyed, meta["stored"] = pack_stored(n, {k: t.contiguous().cpu() for k, t in packed.items()})
-                metas[n] = meta
-            else:
-                keyed, metas[n] = _store_tensor(n, w, spec, dev, compute_dtype)
+            keyed, metas[n] = _store_tensor(n, w, draft_spec(recipe, n, shapes[n]), dev, compute_dtype,
+                                            importance=(importance or {}).get(n))
             tensors.update(keyed)
             del w
         data = save_bytes(tensors, {"qstream": json.dumps(metas, sort_keys=True)})

@@ -70,9 +70,16 @@ def check_spec(scheme: str, block_size: int | None, *, where: str = "scheme") ->
         )
 
 
-def quantize(w: torch.Tensor, spec: QuantSpec) -> tuple[dict[str, torch.Tensor], dict]:
-    """Quantize one weight. Returns the tensors to store and the JSON metadata."""
-    return get_scheme(spec.scheme).quantize(w, spec.block_size)
+def quantize(w: torch.Tensor, spec: QuantSpec, *, importance: torch.Tensor | None = None
+             ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Quantize one weight. Returns the tensors to store and the JSON metadata. ``importance`` [in]
+    (calibration's mean squared input of each column): the fitted affine schemes (q2 ... q8, q2k ...
+    q6k) fit each group to the importance-weighted error; the other schemes have no such fit and
+    quantize as without it. The stored format is the same either way."""
+    scheme = get_scheme(spec.scheme)
+    if importance is not None and isinstance(scheme, Affine):
+        return scheme.quantize(w, spec.block_size, importance=importance.to(w.device))
+    return scheme.quantize(w, spec.block_size)
 
 
 def dequantize(packed: dict[str, torch.Tensor], meta: dict, *, dtype: torch.dtype) -> torch.Tensor:

@@ -43,18 +43,25 @@ def _set(root: nn.Module, name: str, t: torch.Tensor) -> None:
     root.get_submodule(path)._parameters[attr] = nn.Parameter(t, requires_grad=False)
 
 
+def _empty_model(config, device: torch.device) -> nn.Module:
+    """The float32 model of ``config`` with its weights on meta (set later, one by one) and its real
+    buffers (rotary tables) on ``device``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for mod in model.modules():
+        for k, b in list(mod._buffers.items()):
+            if b is not None and b.device.type != "meta":
+                mod._buffers[k] = b.to(device)
+    return model
+
+
 class Calibrator:
     def __init__(self, config, ids: torch.Tensor, layers_prefix: str, device: torch.device | str = "cpu"):
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM
-
-        with init_empty_weights(include_buffers=False):  # buffers (rotary tables) real, weights on meta
-            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         self.device = torch.device(device)
-        for mod in self.model.modules():
-            for k, b in list(mod._buffers.items()):
-                if b is not None and b.device.type != "meta":
-                    mod._buffers[k] = b.to(self.device)
+        self.model = _empty_model(config, self.device)
         self.ids = ids
         self.prefix = layers_prefix
         self.layers = self.model.get_submodule(layers_prefix)
@@ -150,16 +157,8 @@ def loss_sensitivity(config, read: Callable[[str], torch.Tensor], ids: torch.Ten
     weight error dW then costs about 0.5 * sum_ij out_i * in_j * dW_ij^2 in loss (second order, cross
     terms dropped): one unit for every linear of every layer, which the plain output error is not
     (it ignores how much of a layer's output reaches the loss)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     dev = torch.device(device)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    for mod in model.modules():
-        for k, b in list(mod._buffers.items()):
-            if b is not None and b.device.type != "meta":
-                mod._buffers[k] = b.to(dev)
+    model = _empty_model(config, dev)
     for name, _ in model.named_parameters(remove_duplicate=False):
         _set(model, name, read(name).float().to(dev))
     ins: dict[str, torch.Tensor] = {}

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import RecipeError
-from . import dequantize, get_scheme, quantize
-from .affine import Affine
+from . import dequantize, quantize
 
 BUCKETS_PER_WEIGHT = 100  # budget units per weight: rounding loses at most one unit per weight (1%)
 
@@ -103,12 +102,8 @@ def options_for(w: torch.Tensor, specs: list, *, input_scale: torch.Tensor | Non
     out = []
     wf = w.float()
     for spec in specs:
-        scheme = get_scheme(spec.scheme)
-        if input_scale is not None and isinstance(scheme, Affine):
-            # the fit the calibrated shard will use for this choice (imatrix: importance-weighted grids)
-            packed, meta = scheme.quantize(w, spec.block_size, importance=input_scale.to(w.device))
-        else:
-            packed, meta = quantize(w, spec)
+        # with calibration, the fit the calibrated shard will use for this choice (imatrix: weighted grids)
+        packed, meta = quantize(w, spec, importance=input_scale)
         err = (dequantize(packed, meta, dtype=torch.float32) - wf).square()
         if input_scale is not None:
             err = err * input_scale.to(err.device)
