@@ -12,7 +12,9 @@
     calibration:                   # optional: GPTQ or imatrix for the q2 ... q8 weights of decoder layers
       text_file: eval/data/calib.txt
       tokens: 4096
-      method: gptq                 # or imatrix (importance-weighted grids, no error feedback)
+      method: gptq                 # or imatrix (importance-weighted grids, no error feedback), or
+                                   # signround (imatrix, then rounding tuned on each layer's output)
+      steps: 24                    # signround only: tuning steps per layer (default: 3 per sequence)
     draft: {scheme: q3, group_size: 64}  # optional: a low-bit copy of the decoder layers in the same
                                    # directory, the draft of self-speculative decoding (see shard_draft.py)
     tied_head: {scheme: q8, group_size: 64}   # optional (alias: head): the output head's scheme, kept out
@@ -43,10 +45,12 @@ _TOP_KEYS = {"model": str, "output": str, "scheme": str, "block_size": int, "gro
              "overrides": list, "description": str, "calibration": dict,
              "target_bits_per_weight": (int, float), "draft": dict, "tied_head": (str, dict),
              "head": (str, dict)}
-_CALIBRATION_KEYS = {"text_file": str, "tokens": int, "method": str}
+_CALIBRATION_KEYS = {"text_file": str, "tokens": int, "method": str, "steps": int}
 # gptq: error feedback through the input Hessian; imatrix: each group's grid fitted to the error
-# weighted by its columns' mean squared input (llama.cpp's importance matrix), no feedback
-CALIBRATION_METHODS = ("gptq", "imatrix")
+# weighted by its columns' mean squared input (llama.cpp's importance matrix), no feedback;
+# signround: the imatrix fit, then each weight's rounding tuned on its layer's output (quant/signround.py)
+CALIBRATION_METHODS = ("gptq", "imatrix", "signround")
+MAX_SIGNROUND_STEPS = 10000
 DEFAULT_CALIBRATION_TOKENS = 4096  # 8 sequences of 512: GPTQ's usual 128 x 2048 is ~60x more, but the
 # Hessians of a 135M-0.5B model's linears (in_features <= 4864) are well conditioned with 4k tokens after damping
 # the candidate schemes of target_bits_per_weight, at the recipe's group size
@@ -93,6 +97,7 @@ class Calibration:
     text_file: str
     tokens: int = DEFAULT_CALIBRATION_TOKENS
     method: str = "gptq"
+    steps: int | None = None  # signround's tuning steps per layer (None: 3 passes over the text's sequences)
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,7 @@ class Recipe:
         for k in ("calibration", "target_bits_per_weight", "draft", "tied_head"):
             if d[k] is None:
                 d.pop(k)  # recipes without them keep the fingerprint they had before the fields existed
+        _drop_unused_steps(d)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,9 +180,17 @@ class Recipe:
         for k in ("calibration", "target_bits_per_weight", "draft", "tied_head"):
             if d[k] is None:
                 d.pop(k)
+        _drop_unused_steps(d)
         if self.tied_head is not None:
             d["tied_head"] = {"scheme": self.tied_head[0], **({"block_size": self.tied_head[1]} if self.tied_head[1] else {})}
         return d
+
+
+def _drop_unused_steps(d: dict) -> None:
+    """Only signround has tuning steps: other methods keep the recipe dict (and fingerprint) they had."""
+    c = d.get("calibration")
+    if c is not None and c["steps"] is None:
+        c.pop("steps")
 
 
 def _spec(scheme: str, block_size: int) -> QuantSpec:
@@ -328,7 +342,12 @@ def _calibration(source: str, c: dict, default_method: str = "gptq") -> Calibrat
     method = c.get("method", default_method)
     if method not in CALIBRATION_METHODS:
         raise RecipeError(f"{where}.method: {method!r} is not supported; use one of {', '.join(CALIBRATION_METHODS)}")
-    return Calibration(str(path), tokens, method)
+    steps = c.get("steps")
+    if steps is not None and method != "signround":
+        raise RecipeError(f"{where}.steps: only method signround tunes in steps (method is {method})")
+    if steps is not None and not 1 <= steps <= MAX_SIGNROUND_STEPS:
+        raise RecipeError(f"{where}.steps: must be 1..{MAX_SIGNROUND_STEPS}, got {steps}")
+    return Calibration(str(path), tokens, method, steps)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

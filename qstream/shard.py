@@ -39,6 +39,7 @@ from .quant.affine import Affine
 from .quant.calibrate import Calibrator, calibration_ids, loss_sensitivity
 from .quant.gptq import gptq_quantize
 from .quant.mixed import allocate, options_for
+from .quant.signround import Rounding, RoundConfig, tune_layer, tunable
 from .recipe import Recipe
 from .source import ALIASES, open_source, smollm2_gguf, split_units
 from .store.files import atomic_write_bytes, fsync_dir, safe_member, sha256_file
@@ -371,7 +372,8 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
             # calibration carries activations through every layer: compute even a resumed unit
             # (deterministic), write it only if it is not intact
             tensors, metas = _calibrated_unit(cal, unit, members, source, read_as, specs, dev, compute_dtype,
-                                              tied_start, recipe.calibration.method, draft_importance)
+                                              tied_start, recipe.calibration.method, draft_importance,
+                                              RoundConfig(steps=recipe.calibration.steps))
             moved += sum(math.prod(shapes[n]) * 4 for n in members)
             if _intact(path, done.get(fname)):
                 entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
@@ -547,7 +549,7 @@ def _calibrator(recipe: Recipe, source, prefix: str, dev: torch.device) -> Calib
         tok = AutoTokenizer.from_pretrained(tmp)
     ids = calibration_ids(tok, recipe.calibration.text_file, recipe.calibration.tokens)
     log.info("calibration: %d sequences of %d tokens from %s", ids.shape[0], ids.shape[1], recipe.calibration.text_file)
-    return Calibrator(source.config, ids, prefix, dev)
+    return Calibrator(source.config, ids, prefix, dev, reference=recipe.calibration.method == "signround")
 
 
 # GPTQ's true-sequential option (GPTQ only; the imatrix fit takes every importance from one pass)
@@ -557,7 +559,7 @@ TRUE_SEQUENTIAL = True
 def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, read_as: dict[str, str],
                      specs: dict[str, QuantSpec], dev: torch.device, compute_dtype: torch.dtype,
                      tied_start: dict[str, torch.Tensor], method: str = "gptq",
-                     importance: dict[str, torch.Tensor] | None = None):
+                     importance: dict[str, torch.Tensor] | None = None, tune: RoundConfig = RoundConfig()):
     """Embeddings: stored as usual, and they start the calibration (with ``tied_start``, a tied embedding
     stored in the head file, added). Layer i: its linears' Hessians on
     the current (already-quantized-upstream) activations, GPTQ for affine schemes, then the layer as
@@ -566,10 +568,17 @@ def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, rea
     raw = {n: _read_source(source, read_as[n]) for n in members}
     tensors, metas, runtime = {}, {}, {}
 
-    def store(n: str, hessian: torch.Tensor | None) -> None:
+    fitted: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
+    fit_method = "imatrix" if method == "signround" else method  # signround tunes the imatrix fit's codes
+
+    def store(n: str, hessian: torch.Tensor | None, packed=None) -> None:
         if importance is not None and hessian is not None:
             importance[n] = torch.diagonal(hessian).float().cpu()
-        packed, meta = _quantize_tensor(raw[n], specs[n], dev, compute_dtype, hessian, method)
+        if packed is None:
+            packed, meta = _quantize_tensor(raw[n], specs[n], dev, compute_dtype, hessian, fit_method)
+        else:
+            meta = {k: v for k, v in metas[n].items() if k != "stored"}
+        fitted[n] = packed, meta
         runtime[n] = dequantize(packed, meta, dtype=torch.float32) if raw[n].is_floating_point() else raw[n]
         keyed, meta["stored"] = pack_stored(n, {k: t.contiguous().cpu() for k, t in packed.items()})
         tensors.update(keyed)
@@ -595,13 +604,37 @@ def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, rea
     for n in members:
         if n not in metas:
             store(n, None)
+    if unit.startswith("layer_") and method == "signround":
+        i = int(unit.split("_")[1])
+        for n, packed in _signround(cal, i, raw, runtime, fitted, tune).items():
+            store(n, None, packed)
     metas = {n: metas[n] for n in members}
-    del raw, hessians
+    raw.clear()  # the layer's float weights: at most about two layers are held while sharding
+    fitted.clear()
+    del hessians
     if unit == "embed":
         cal.start({**runtime, **tied_start})
     else:
         cal.advance(int(unit.split("_")[1]), runtime)
     return tensors, metas
+
+
+def _signround(cal: Calibrator, i: int, raw: dict[str, torch.Tensor], runtime: dict[str, torch.Tensor],
+               fitted: dict[str, tuple[dict, dict]], cfg: RoundConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """Layer i's fitted affine weights with their rounding tuned on the layer's output (quant/signround.py):
+    inputs through the quantized layers before it, targets the unquantized model's output of this layer."""
+    y = cal.reference_step(i, raw)
+    layer = cal._load(i, runtime)
+    at = f"{cal.prefix}.{i}."
+    roundings = {n[len(at):]: Rounding(raw[n].to(cal.device), *fitted[n]) for n in fitted
+                 if n.startswith(at) and raw[n].is_floating_point() and tunable(fitted[n][1])}
+    if not roundings:
+        return {}
+    with torch.enable_grad():
+        before, after = tune_layer(layer, roundings, cal.hidden, y, cal.kwargs, cfg)
+    log.info("signround layer %d: output error %.4g -> %.4g (%d weights, %d steps)", i, before, after, len(roundings),
+             cfg.steps_for(cal.hidden.shape[0]))
+    return {at + k: r.result() for k, r in roundings.items()}
 
 
 def _config_dict(config) -> dict:

@@ -99,12 +99,21 @@ for _m, _base, _t in (("gptq", "q4-g64-headbf16", 4.5), ("imatrix", "q4-g64-head
     _name = f"{_m}-mixed{_t}-{'k-' if _base.split('-')[0].endswith('k') else ''}{_base.split('-', 1)[1]}"
     CALIBRATED[_name] = (_base, _m)
     TARGETED[_name] = (_base, _t)
+# signround (quant/signround.py): the imatrix fit's codes with their rounding tuned on each layer's output
+for _base, _t in (("q4k-g64-headbf16", None), ("q3k-g64-headbf16", None), ("q4k-g64-headq6k", 4.5),
+                  ("q4k-g64-headbf16", 4.5), ("q3k-g64-headbf16", 3.5), ("q4-g64-headbf16", None),
+                  ("q4k-g64-headbf16", 4.24), ("q4k-g64-headbf16", 4.0)):
+    _name = f"signround-{_base}" if _t is None else f"signround-mixed{_t}-k-{_base.split('-', 1)[1]}"
+    CALIBRATED[_name] = (_base, "signround")
+    if _t is not None:
+        TARGETED[_name] = (_base, _t)
 VARIANTS.update({k: VARIANTS[v] for k, (v, _) in CALIBRATED.items()})
 VARIANTS.update({k: VARIANTS[v] for k, (v, _) in TARGETED.items()})
 DEFAULT = "bf16,q4-g64,q4-g128-headbf16,q4-g64-headbf16,q4-g128-headq5,q3-g128-headq4,q8-g128,nf4-g64,q2-g64,int8-g64"
 
 
-def recipe_for(model: str, variant: str, out: Path, calib_text: str | None = None, calib_tokens: int = 4096):
+def recipe_for(model: str, variant: str, out: Path, calib_text: str | None = None, calib_tokens: int = 4096,
+               calib_steps: int | None = None):
     scheme, group, head = VARIANTS[variant]
     data = {"model": model, "output": str(out), "scheme": scheme, "group_size": group, "compute_dtype": "bfloat16",
             "description": f"quant_quality variant {variant}"}
@@ -114,6 +123,8 @@ def recipe_for(model: str, variant: str, out: Path, calib_text: str | None = Non
         data["target_bits_per_weight"] = TARGETED[variant][1]
     if variant in CALIBRATED:
         data["calibration"] = {"text_file": calib_text, "tokens": calib_tokens, "method": CALIBRATED[variant][1]}
+        if CALIBRATED[variant][1] == "signround" and calib_steps is not None:
+            data["calibration"]["steps"] = calib_steps
     return parse_recipe(data, source=f"variant {variant}")
 
 
@@ -155,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-file", default="eval/data/sample.txt")
     p.add_argument("--calib-text", default="eval/data/calib.txt", help="calibration text of the gptq-* variants")
     p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--calib-steps", type=int, default=None, help="tuning steps per layer of the signround-* variants")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--work", default="/tmp/qstream-quant-quality", help="where shards go")
@@ -177,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = None
     for v in variants:
         d = work / v
-        recipe = recipe_for(a.model, v, d, a.calib_text, a.calib_tokens)
+        recipe = recipe_for(a.model, v, d, a.calib_text, a.calib_tokens, a.calib_steps)
         prev = previous.get(v, {})
         done = (d / "manifest.json").is_file() and json.loads((d / "manifest.json").read_text())["fingerprint"] == recipe.fingerprint()
         if a.reshard or not done:
@@ -198,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         row = {"variant": v, "scheme": VARIANTS[v][0], "group": VARIANTS[v][1], "head": VARIANTS[v][2] or VARIANTS[v][0],
                "calibration": recipe.calibration and {"text_file": recipe.calibration.text_file,
                                                       "tokens": recipe.calibration.tokens,
-                                                      "method": recipe.calibration.method},
+                                                      "method": recipe.calibration.method,
+                                                      **({"steps": recipe.calibration.steps}
+                                                         if recipe.calibration.method == "signround" else {})},
                "fingerprint": recipe.fingerprint(), "limit": a.limit, "bits_per_weight_linear": bpw,
                "bits_per_weight_decoder": bpw_body, "linear_bytes": linear_bytes,
                "shard_bytes": total, "perplexity": r["perplexity"], "tokens_scored": r["tokens_scored"],

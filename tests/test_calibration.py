@@ -57,7 +57,7 @@ def tiny_with_text(tmp_path) -> tuple[Path, Path]:
     return m, text
 
 
-@pytest.mark.parametrize("method", ["gptq", "imatrix"])
+@pytest.mark.parametrize("method", ["gptq", "imatrix", "signround"])
 def test_calibrated_shards_load_and_equal_their_dense_twin(tiny_with_text, tmp_path, method):
     import qstream
     from qstream.runtime.twin import dense_twin
@@ -65,7 +65,8 @@ def test_calibrated_shards_load_and_equal_their_dense_twin(tiny_with_text, tmp_p
     m, text = tiny_with_text
     recipe = parse_recipe({"model": str(m), "output": str(tmp_path / "gptq"), "scheme": "q4", "group_size": 32,
                            "compute_dtype": "float32",
-                           "calibration": {"text_file": str(text), "tokens": 1024, "method": method}})
+                           "calibration": {"text_file": str(text), "tokens": 1024, "method": method,
+                                           **({"steps": 10} if method == "signround" else {})}})
     shard(recipe, progress=False)
     plain = parse_recipe({"model": str(m), "output": str(tmp_path / "plain"), "scheme": "q4", "group_size": 32,
                           "compute_dtype": "float32"})
@@ -101,6 +102,8 @@ def test_calibration_fingerprint_and_old_recipes(tiny_with_text, tmp_path):
     ({"text_file": "TEXT", "tokens": "many"}, r"'tokens': expected int"),
     ({"text_file": "TEXT", "tokenz": 5}, r"unknown field 'tokenz'"),
     ({"text_file": "TEXT", "method": "awq"}, r"calibration'\.method: 'awq' is not supported; use one of gptq, imatrix"),
+    ({"text_file": "TEXT", "method": "imatrix", "steps": 10}, r"calibration'\.steps: only method signround"),
+    ({"text_file": "TEXT", "method": "signround", "steps": 0}, r"calibration'\.steps: must be 1\.\.10000, got 0"),
     ({"text_file": "TEXT", "tokens": 10 ** 6}, r"calibration'\.text_file: .* fewer than the 1000000 tokens"),
 ])
 def test_bad_calibration_fields(tiny_with_text, tmp_path, cal, match):

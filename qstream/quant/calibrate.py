@@ -59,8 +59,11 @@ def _empty_model(config, device: torch.device) -> nn.Module:
 
 
 class Calibrator:
-    def __init__(self, config, ids: torch.Tensor, layers_prefix: str, device: torch.device | str = "cpu"):
+    def __init__(self, config, ids: torch.Tensor, layers_prefix: str, device: torch.device | str = "cpu",
+                 reference: bool = False):
         self.device = torch.device(device)
+        self.reference = reference  # also carry the unquantized model's activations (signround's targets)
+        self.ref: torch.Tensor | None = None
         self.model = _empty_model(config, self.device)
         self.ids = ids
         self.prefix = layers_prefix
@@ -92,6 +95,8 @@ class Calibrator:
             h.remove()
         if self.hidden is None:
             raise RuntimeError("calibration: the model's forward never reached its first decoder layer")
+        if self.reference:
+            self.ref = self.hidden
         for n in embed:  # the embeddings are not needed again
             _set(self.model, n, torch.empty(0, device="meta"))
 
@@ -138,6 +143,15 @@ class Calibrator:
                 h.remove()
         self.stages = stages
         return {k: v / count for k, v in sums.items()}  # a new tensor per key: shared sums stay unchanged
+
+    @torch.no_grad()
+    def reference_step(self, i: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Layer i with its unquantized ``tensors`` on the unquantized model's activations: its output,
+        which is also the next layer's reference input."""
+        layer = self._load(i, tensors)
+        out = layer(self.ref, **self.kwargs)
+        self.ref = out[0] if isinstance(out, tuple) else out
+        return self.ref
 
     @torch.no_grad()
     def advance(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
