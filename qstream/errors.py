@@ -25,3 +25,7 @@ class BudgetError(QstreamError):
 
 class EvalError(QstreamError):
     """Bad input to an evaluation (dataset, text, task, context length)."""
+
+
+class DraftCacheFull(QstreamError):
+    """The draft's static KV cache has no room for the next forward (speculation then decodes plainly)."""

@@ -152,7 +152,7 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     vocab = m.config.vocab_size
     ids = torch.randint(100, vocab - 1, (1, PROMPT + 1), generator=g)
-    tc, dc = m.new_cache(), m.draft.new_cache()
+    tc, dc = m.new_cache(), m.draft.tree_cache(draft_seq)  # static + CUDA-graph tree steps on a GPU
     m(ids[:, :PROMPT], past_key_values=tc, cache_position=torch.arange(PROMPT), logits_to_keep=1)
     m.draft(ids[:, :PROMPT], past_key_values=dc, cache_position=torch.arange(PROMPT), logits_to_keep=1)
     root = int(ids[0, PROMPT])

@@ -70,6 +70,10 @@ def main() -> int:
            "plan": model.plan.describe(), "resident_share_asked": a.share, "resident_wanted": wanted, "load_s": load_s,
            "decode_path": getattr(model, "decode_path", None), "tree_budget": a.tree_budget, "new_tokens": a.new_tokens,
            "rows": rows, "plain_s_per_token": plain, "spec_s_per_token": sp, "speedup": plain / sp}
+    g = getattr(model.draft, "graphs", None)
+    if g is not None:  # the draft's tree steps (runtime/tree_cache.py)
+        out["draft_graphs"] = {"captures": g.captures, "replays": g.replays, "reason": g.reason}
+        print(f"draft step graphs: {out['draft_graphs']}")
     print(f"plan: {out['plan']}\nprompts 2..{len(rows)}: plain {plain * 1e3:.2f} ms/token, speculative {sp * 1e3:.2f} ms/token "
           f"({out['speedup']:.2f}x), tokens/pass {[round(r['tokens_per_pass'], 2) for r in rows]}")
     if a.json:

@@ -22,6 +22,9 @@
 # of 80 layers (about 26 GiB) cannot sit inside 24 GiB next to the head, and a q3 copy of 32 8B
 # layers (2.7 GiB) not inside 4 GiB; q2/128 is 2.25 bits per weight (18 GiB for 70B, 1.8 GiB for 8B).
 #
+# The draft's tree steps run on its static tree cache, replayed as CUDA graphs (runtime/tree_cache.py)
+# since the fourth session of 2026-11-29; earlier figures were eager.
+#
 # Writes OUTDIR/log.txt, OUTDIR/*.json (one per figure) and OUTDIR/predicted.json. Shards go to /tmp/qs.
 set -u
 OUT=${1:?usage: spec_gpu.sh OUTDIR}

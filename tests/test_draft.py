@@ -157,6 +157,52 @@ def test_in_dir_draft_shares_resident_layers_and_greedy_is_exact(with_draft, arc
     target.close()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_static_tree_cache_steps_are_exact(with_draft, arch):
+    """The draft's static tree cache (runtime/tree_cache.py: padded steps, in-place row keeping; on CUDA
+    they replay as graphs) drafts what the dynamic cache drafts, and greedy output stays exact."""
+    d = with_draft(arch)
+    target = qstream.load(d, draft=True, gpu_memory=_mixed_budget(d), **LOAD)
+    draft = target.draft
+    ids = _ids()
+    cfg = SamplingConfig(max_new_tokens=24)
+    want = generate_ids(target, ids, torch.ones_like(ids), cfg).new_tokens[0]
+    for spec in (SpecConfig(budget=32, max_depth=6, beam=4, fallback=False), SpecConfig(chain=True, max_depth=5, fallback=False)):
+        draft.static = False
+        dynamic = speculative_generate_ids(target, draft, ids, cfg, spec)
+        draft.static = True
+        static = speculative_generate_ids(target, draft, ids, cfg, spec)
+        assert static.new_tokens[0] == want == dynamic.new_tokens[0], spec
+        assert static.spec.accepted == dynamic.spec.accepted  # the same trees: the same drafts
+    target.close()
+
+
+def test_tree_cache_rows_and_padding():
+    from qstream.errors import DraftCacheFull
+    from qstream.runtime.tree_cache import TreeCache, padded_inputs, width_for
+
+    assert [width_for(n) for n in (1, 8, 9, 64, 65)] == [8, 8, 16, 64, None]
+    c = TreeCache(2, 16)
+    c.length = 3
+    ids, pos, mask, slots = padded_inputs(torch.tensor([[5, 6]]), None, torch.ones(1, 5), c, 8, torch.float32)
+    assert ids.tolist() == [[5, 6, 0, 0, 0, 0, 0, 0]] and pos[0, :2].tolist() == [3, 4]
+    assert slots.tolist() == list(range(3, 11))
+    allowed = mask[0, 0] == 0
+    assert allowed[0].nonzero().flatten().tolist() == [0, 1, 2, 3]  # committed rows and itself
+    assert allowed[1].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+    assert allowed[2:].sum(1).tolist() == [1] * 6  # padding rows: slot 0 only
+    with pytest.raises(DraftCacheFull, match="draft_max_seq"):
+        padded_inputs(torch.tensor([[5]]), None, None, c, 16, torch.float32)
+    for layer in c.layers:
+        layer.lazy_initialization(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+        layer.keys[0, 0, :, 0] = torch.arange(16.0)
+    c.length = 8
+    c.keep_rows([0, 1, 2, 5, 7])
+    assert c.get_seq_length() == 5 and c.layers[1].keys[0, 0, :5, 0].tolist() == [0, 1, 2, 5, 7]
+    c.crop(-2)
+    assert c.length == 3
+
+
 def test_load_without_a_draft_says_how_to_make_one(tmp_path):
     src = make_tiny(tmp_path / "m", "llama", num_hidden_layers=2)
     d = shard_to(tmp_path, src, "fp32", compute_dtype="float32")

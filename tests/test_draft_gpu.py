@@ -30,4 +30,9 @@ def test_in_dir_draft_on_cuda_is_exact(tmp_path):
     r = speculative_generate_ids(target, target.draft, ids, cfg, SpecConfig(budget=32, max_depth=6, fallback=False))
     assert r.new_tokens[0] == want
     assert r.spec.tokens_per_pass > 1.5
+    g = target.draft.graphs  # the tree steps ran on the static cache, replayed as CUDA graphs
+    assert g.reason is None and g.captures > 0 and g.replays > 0, (g.reason, g.captures, g.replays)
+    target.draft.static = False  # the dynamic cache's eager steps: the same output
+    assert speculative_generate_ids(target, target.draft, ids, cfg, SpecConfig(budget=32, max_depth=6, fallback=False)
+                                    ).new_tokens[0] == want
     target.close()

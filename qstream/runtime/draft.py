@@ -129,28 +129,89 @@ class SharedDraft:
         self.target, self.hf, self.drafted, self.plan = target, hf, drafted, plan
         self.config, self.device, self.dtype = hf.config, target.device, target.dtype
         self.stats = Stats()
+        # tree steps on a static cache, replayed as CUDA graphs (runtime/tree_cache.py); on the CPU
+        # the dynamic cache is as fast (tests set ``static`` to run the padded steps there too)
+        self.static = self.device.type == "cuda"
+        self._tree = None
+        from .tree_cache import LayerStack, PassThrough, StepGraphs  # imports transformers: not at import time
+
+        parent, _, attr = target.manifest.layers_prefix.rpartition(".")
+        self._base, self._attr = hf.get_submodule(parent) if parent else hf, attr
+        layers = getattr(self._base, attr)
+        # one device only: the layers of a multi-GPU target hand hidden states over in hooks (devices.py)
+        one = len(getattr(target, "devices", ())) <= 1
+        self.graphs = StepGraphs(layers, self.device) if self.device.type == "cuda" and one else None
+        self._stack = nn.ModuleList([LayerStack(self.graphs)] + [PassThrough() for _ in layers[1:]]) \
+            if self.graphs is not None else None
 
     def new_cache(self, batch: int | None = None, length: int | None = None):
         from transformers import DynamicCache
 
         return DynamicCache(config=self.config)
 
+    def tree_cache(self, rows: int):
+        """The draft's cache for a speculative decode that needs at most ``rows`` rows (prompt, new
+        tokens and one tree): static when ``static`` (graphable tree steps), else dynamic."""
+        from .tree_cache import WIDTHS, TreeCache
+
+        if not self.static:
+            return self.new_cache()
+        need = rows + max(WIDTHS)
+        if self._tree is None or self._tree.capacity < need:
+            # one cache reused by every request (its graphs stay valid), grown in steps of 256 rows
+            self._tree = TreeCache(self.config.num_hidden_layers, -(-need // 256) * 256)
+        self._tree.reset()
+        return self._tree
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, *, attention_mask=None, position_ids=None, past_key_values=None,
                 cache_position=None, logits_to_keep: int = 0) -> torch.Tensor:
-        from .model import cache_kw
+        from .model import attention_backends, cache_kw
 
+        if hasattr(past_key_values, "keep_rows"):  # the static tree cache
+            return self._static_forward(input_ids, attention_mask, position_ids, past_key_values, logits_to_keep)
         dev = self.device
         kw = {cache_kw(): past_key_values} if past_key_values is not None else {}
-        out = self.hf(input_ids=input_ids.to(dev),
-                      attention_mask=None if attention_mask is None else attention_mask.to(dev),
-                      position_ids=None if position_ids is None else position_ids.to(dev),
-                      cache_position=None if cache_position is None else cache_position.to(dev),
-                      use_cache=past_key_values is not None, logits_to_keep=logits_to_keep, **kw)
+        with attention_backends():
+            out = self.hf(input_ids=input_ids.to(dev),
+                          attention_mask=None if attention_mask is None else attention_mask.to(dev),
+                          position_ids=None if position_ids is None else position_ids.to(dev),
+                          cache_position=None if cache_position is None else cache_position.to(dev),
+                          use_cache=past_key_values is not None, logits_to_keep=logits_to_keep, **kw)
         self.stats.forwards += 1
         return out.logits
 
     __call__ = forward
+
+    def _static_forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int):
+        """A forward on the static tree cache, padded to a graph width when it has one."""
+        from .model import attention_backends, cache_kw
+        from .tree_cache import padded_inputs, width_for
+
+        S = input_ids.shape[1]
+        w = width_for(S) if self.graphs is not None else None
+        W = w or S
+        ids, pos, mask, slots = padded_inputs(input_ids, position_ids, attention_mask, cache, W, self.dtype)
+        dev = self.device
+        if w is not None:
+            self.graphs.bind(cache)
+            cache.write_at = self.graphs.write_at[:W]  # the graphs' slot buffer: same address every replay
+            cache.write_at.copy_(slots)
+        else:
+            cache.write_at = slots.to(dev)
+        keep = slice(S - logits_to_keep, S) if logits_to_keep else slice(0, S)  # the real rows only
+        real = getattr(self._base, self._attr)
+        if w is not None:
+            setattr(self._base, self._attr, self._stack)  # one graph runs every layer (LayerStack)
+        try:
+            with attention_backends():
+                out = self.hf(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                              use_cache=True, logits_to_keep=keep, **{cache_kw(): cache})
+        finally:
+            setattr(self._base, self._attr, real)
+        cache.length += S
+        self.stats.forwards += 1
+        return out.logits
 
     def timing(self) -> dict:
         return self.stats.as_dict()

@@ -43,6 +43,17 @@ STATIC_ATTN = ("sdpa", "eager")
 log = logging.getLogger(__name__)
 
 
+def attention_backends():
+    """The scaled-dot-product attention kernels qstream's forwards may use: every backend but cuDNN's.
+    cuDNN's fused attention (which torch prefers on Hopper when a mask is given) builds an execution
+    plan for every new shape, ~2 ms of CPU time per call on an H200 (scripts/spec_profile_gpu.sh: 67% of
+    a speculative round's CPU time), and tree, chunked and dynamic-cache forwards get a new shape almost
+    every call; the memory-efficient kernel takes the same masks without a plan."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def static_cache_problem(config, kv_offload: bool) -> str | None:
     """Why a static KV cache (and so CUDA-graph decode) cannot serve this model, or None."""
     if kv_offload:
@@ -196,15 +207,16 @@ class StreamedModel:
         kw = {}
         if past_key_values is not None:
             kw[cache_kw()] = past_key_values
-        out = self.hf(
-            input_ids=input_ids.to(dev),
-            attention_mask=None if attention_mask is None else attention_mask.to(dev),
-            position_ids=None if position_ids is None else position_ids.to(dev),
-            cache_position=None if cache_position is None else cache_position.to(dev),
-            use_cache=past_key_values is not None,
-            logits_to_keep=logits_to_keep,
-            **kw,
-        )
+        with attention_backends():
+            out = self.hf(
+                input_ids=input_ids.to(dev),
+                attention_mask=None if attention_mask is None else attention_mask.to(dev),
+                position_ids=None if position_ids is None else position_ids.to(dev),
+                cache_position=None if cache_position is None else cache_position.to(dev),
+                use_cache=past_key_values is not None,
+                logits_to_keep=logits_to_keep,
+                **kw,
+            )
         self.stats.forwards += 1
         if self.graphs is not None and past_key_values is not None and past_key_values is self.graphs.active:
             self.graphs.step += 1  # per-step inputs are copied into the graphs' buffers once per step
@@ -226,22 +238,28 @@ class StreamedModel:
         runs = hooks.runs
         hooks.set_runs({})  # a layer runs once per batch here: time layers, not graph runs
         try:
-            for i, layer in enumerate(self.layers):
-                streamed = i in hooks.streamed
-                if streamed:
-                    hooks.acquire(i)
-                for j in range(len(hidden)):
-                    out = layer(hidden[j], **kwargs[j])
-                    hidden[j] = out[0] if isinstance(out, tuple) else out
-                if streamed:
-                    hooks.release(i)
-                if on_layer is not None:
-                    on_layer(i)
+            with attention_backends():
+                self._layers_over(hidden, kwargs, on_layer)
         finally:
             hooks.manual = False
             hooks.set_runs(runs)
         norm = self._final_norm()
         return [head(j, norm(x)) for j, x in enumerate(hidden)]
+
+    def _layers_over(self, hidden: list[torch.Tensor], kwargs: list[dict], on_layer) -> None:
+        """Layer after layer over every batch (in place in ``hidden``), a streamed layer loaded once."""
+        hooks = self.hooks
+        for i, layer in enumerate(self.layers):
+            streamed = i in hooks.streamed
+            if streamed:
+                hooks.acquire(i)
+            for j in range(len(hidden)):
+                out = layer(hidden[j], **kwargs[j])
+                hidden[j] = out[0] if isinstance(out, tuple) else out
+            if streamed:
+                hooks.release(i)
+            if on_layer is not None:
+                on_layer(i)
 
     def _embed_batches(self, batches):
         """Each batch's input to layer 0 and the keyword arguments the model passes every layer

@@ -26,6 +26,8 @@ def gatherable(cache) -> bool:
     (sliding-window layers drop rows and would need the window in the tree mask too)."""
     from transformers.cache_utils import DynamicLayer
 
+    if hasattr(cache, "keep_rows"):  # the draft's static tree cache (runtime/tree_cache.py)
+        return True
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
@@ -34,6 +36,9 @@ def keep_rows(cache, keep: list[int]) -> None:
     first gap stay where they are; only the rows after it (the accepted tree path, a few
     tokens) are copied down, in place, and the rest is cut off as a view: a round costs a
     copy of the path, not of the whole context."""
+    if hasattr(cache, "keep_rows"):  # a static cache re-orders its rows in place
+        cache.keep_rows(keep)
+        return
     n = cache_len(cache)
     p = next((j for j, k in enumerate(keep) if k != j), len(keep))  # keep[:p] == range(p)
     if p == len(keep):

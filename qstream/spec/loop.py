@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import QstreamError
+from ..errors import DraftCacheFull, QstreamError
 from ..generate import SamplingConfig, eos_ids, format_prompts, prefill, sample
 from .config import SpecConfig, SpecResult, SpecStats
 from .kv import gatherable, keep_rows, ones, tree_mode
@@ -87,7 +87,10 @@ def speculative_generate_ids(target, draft, ids: torch.Tensor, cfg: SamplingConf
     chain = chain_t or chain_d or spec.chain
     st.mode, st.note = ("chain" if chain else "tree"), why_t or why_d
     shape = spec.shape(chain)
-    tcache, dcache = target.new_cache(), draft.new_cache()
+    tcache = target.new_cache()
+    # the draft's cache holds the prompt, the new tokens and one round's tree (padded steps included)
+    need = T + cfg.max_new_tokens + shape[1] * shape[2] + shape[1] + 2
+    dcache = draft.tree_cache(need) if hasattr(draft, "tree_cache") else draft.new_cache()
     if not (gatherable(tcache) and gatherable(dcache)):
         st.mode, st.note = "plain", "a KV cache that cannot be re-indexed (sliding-window or static layers): plain decoding"
     dev = target.device
@@ -132,8 +135,12 @@ def speculative_generate_ids(target, draft, ids: torch.Tensor, cfg: SamplingConf
             done = out.add(root)
             continue
         ts = time.perf_counter()
-        tree, slots, forwards, nodes = grow_tree(draft, dcache, pending, L, shape, chain=chain,
-                                                 temperature=cfg.temperature, vocab=vocab)
+        try:
+            tree, slots, forwards, nodes = grow_tree(draft, dcache, pending, L, shape, chain=chain,
+                                                     temperature=cfg.temperature, vocab=vocab)
+        except DraftCacheFull as e:  # (a bound above makes this rare) the rest decodes plainly
+            st.mode, st.note = "plain", "; ".join(x for x in (st.note, f"{e}: plain decoding from here") if x)
+            continue
         td = time.perf_counter() - ts
         logits = verify(target, tcache, tree, nodes, L, chain=chain)
         toks, path = walk(tree, nodes, picker(logits, cfg, gen, seen, vocab), stop=out.eos.__contains__,
