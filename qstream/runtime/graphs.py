@@ -28,6 +28,7 @@ runs eagerly and ``reason`` says why.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable
 
@@ -214,20 +215,14 @@ class LayerGraphs:
             self.hidden.copy_(h)
             return out
 
-        qls = [m for j in run for m in self.layers[j].modules() if isinstance(m, QLinear)]
-        saved = [q.stats for q in qls]
-        for q in qls:
-            q.stats = None  # timing events cannot live inside a graph
         try:
-            g, out = self._record(body)
+            with untimed([self.layers[j] for j in run]):
+                g, out = self._record(body)
         except RuntimeError as e:  # a layer that cannot be captured: say so, run eagerly from now on
             self.disable(f"capturing layer {i} failed: {str(e).splitlines()[0]}")
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             return None
-        finally:
-            for q, s in zip(qls, saved):
-                q.stats = s
         if isinstance(out, tuple):
             self.outputs[key] = tuple(out[1:])
         self.graphs[key] = g
@@ -235,19 +230,7 @@ class LayerGraphs:
         return g
 
     def _record(self, body: Callable):
-        """A CUDA graph of ``body`` (captured on the side stream, into the shared pool) and
-        what ``body`` returned while being captured."""
-        g = torch.cuda.CUDAGraph()
-        cur = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(cur)
-        with torch.cuda.stream(self.stream):
-            # thread_local: the disk reader thread may sync on events while this thread captures
-            g.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-            try:
-                out = body()
-            finally:
-                g.capture_end()
-        cur.wait_stream(self.stream)
+        g, out = record_graph(body, self.stream, self.device, self.pool)
         if self.pool is None:
             self.pool = g.pool()
         return g, out
@@ -262,6 +245,37 @@ class LayerGraphs:
         return (f"CUDA-graph decode: {len(self.graphs)} graphs covering {len(self.covered())} of {len(self.layers)} layers "
                 f"({len(self.seg_end)} resident runs, {len(self.streamed)} streamed layers x their slots), "
                 f"{self.replays} replays so far")
+
+
+@contextlib.contextmanager
+def untimed(layers):
+    """The layers' QLinear timing off while a graph is captured: timing events cannot live inside one."""
+    qls = [m for layer in layers for m in layer.modules() if isinstance(m, QLinear)]
+    saved = [q.stats for q in qls]
+    for q in qls:
+        q.stats = None
+    try:
+        yield
+    finally:
+        for q, st in zip(qls, saved):
+            q.stats = st
+
+
+def record_graph(body: Callable, stream: torch.cuda.Stream, device: torch.device, pool=None):
+    """A CUDA graph of ``body`` (captured on the side ``stream``, into ``pool``) and what ``body``
+    returned while being captured (capturing does not run it)."""
+    g = torch.cuda.CUDAGraph()
+    cur = torch.cuda.current_stream(device)
+    stream.wait_stream(cur)
+    with torch.cuda.stream(stream):
+        # thread_local: the disk reader thread may sync on events while this thread captures
+        g.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            out = body()
+        finally:
+            g.capture_end()
+    cur.wait_stream(stream)
+    return g, out
 
 
 class _PerLayerInputs(RuntimeError):

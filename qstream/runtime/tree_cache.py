@@ -31,7 +31,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import DraftCacheFull
-from .qlinear import QLinear
+from .graphs import _flat, record_graph, untimed
 
 log = logging.getLogger(__name__)
 
@@ -186,29 +186,14 @@ class StepGraphs:
         h = hidden.clone()
         kw = {k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone()) if _tensors(v) else v
               for k, v in kwargs.items()}
-        qls = [m for layer in self.layers for m in layer.modules() if isinstance(m, QLinear)]
-        saved = [q.stats for q in qls]
-        for q in qls:
-            q.stats = None  # timing events cannot live inside a graph
-        graph = torch.cuda.CUDAGraph()
-        cur = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(cur)
         try:
-            with torch.cuda.stream(self.stream):
-                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-                try:
-                    out = _layers(self.layers, h, kw)
-                finally:
-                    graph.capture_end()
+            with untimed(self.layers):
+                graph, out = record_graph(lambda: _layers(self.layers, h, kw), self.stream, self.device, self.pool)
         except RuntimeError as e:  # a layer that cannot be captured: eager from now on, and say why
             self.reason = f"capturing the draft's layers failed: {str(e).splitlines()[0]}"
             log.warning("draft tree steps run eagerly: %s", self.reason)
             torch.cuda.synchronize(self.device)
             return None
-        finally:
-            for q, s in zip(qls, saved):
-                q.stats = s
-        cur.wait_stream(self.stream)
         if self.pool is None:
             self.pool = graph.pool()
         self.captures += 1
@@ -217,11 +202,7 @@ class StepGraphs:
 
 
 def _tensors(v) -> list[torch.Tensor]:
-    if isinstance(v, torch.Tensor):
-        return [v]
-    if isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
-        return list(v)
-    return []
+    return _flat(v) or []
 
 
 def _layers(layers: nn.ModuleList, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
