@@ -284,7 +284,7 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
              if isinstance(get_scheme(s), KAffine)]
         if k:
             raise RecipeError(f"{source}: field 'calibration.method': gptq does not support {k[0]}; "
-                              "use method: imatrix (or a q2 ... q8 scheme)")
+                              "use method: imatrix or signround (or a q2 ... q8 scheme)")
     return Recipe(
         model=data["model"],
         output=output,
