@@ -7,14 +7,7 @@
 #     bash scripts/spec_e2e_gpu.sh OUTDIR
 set -u
 OUT=${1:?usage: spec_e2e_gpu.sh OUTDIR}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1
-source scripts/device_setup.sh || exit 1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-G=/tmp/smollm2.gguf
-cat /tmp/keep/part1 .gpu_b/part2 > $G
-echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $G" | sha256sum -c - || exit 1
+source scripts/smollm2_on_device.sh "$OUT" || exit 1  # log, wheels, $G: the GGUF
 for d in q2k q3k; do
   printf 'model: %s\noutput: /tmp/smol-%s\nscheme: bf16\ncompute_dtype: bfloat16\ndraft: {scheme: %s, group_size: 32}\ncalibration: {text_file: eval/data/calib.txt, tokens: 4096, method: imatrix}\n' \
     $G $d $d > /tmp/r-$d.yaml

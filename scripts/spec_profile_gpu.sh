@@ -8,16 +8,9 @@
 #     bash scripts/spec_profile_gpu.sh OUTDIR
 set -u
 OUT=${1:?usage: spec_profile_gpu.sh OUTDIR}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1
-source scripts/device_setup.sh || exit 1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source scripts/smollm2_on_device.sh "$OUT" || exit 1  # log, wheels, $G: the GGUF
 echo "=== $(date +%T) GPU tests of the draft"
 timeout 150 python3 -m pytest -q -x tests/test_draft_gpu.py -p no:cacheprovider 2>&1 | tail -4
-G=/tmp/smollm2.gguf
-cat /tmp/keep/part1 .gpu_b/part2 > $G
-echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $G" | sha256sum -c - || exit 1
 printf 'model: %s\noutput: /tmp/smol-q3k\nscheme: bf16\ncompute_dtype: bfloat16\ndraft: {scheme: q3k, group_size: 32}\ncalibration: {text_file: eval/data/calib.txt, tokens: 4096, method: imatrix}\n' \
   $G > /tmp/r-q3k.yaml
 echo "=== $(date +%T) shard bf16 + q3k draft"
