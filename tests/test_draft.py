@@ -171,9 +171,11 @@ def test_static_tree_cache_steps_are_exact(with_draft, arch):
         draft.static = False
         dynamic = speculative_generate_ids(target, draft, ids, cfg, spec)
         draft.static = True
-        static = speculative_generate_ids(target, draft, ids, cfg, spec)
-        assert static.new_tokens[0] == want == dynamic.new_tokens[0], spec
-        assert static.spec.accepted == dynamic.spec.accepted  # the same trees: the same drafts
+        for pad in (False, True):  # padded to the graph widths (8, 16, ...) as on CUDA, or not
+            draft.pad = pad
+            static = speculative_generate_ids(target, draft, ids, cfg, spec)
+            assert static.new_tokens[0] == want == dynamic.new_tokens[0], (spec, pad)
+            assert static.spec.accepted == dynamic.spec.accepted  # the same trees: the same drafts
     target.close()
 
 

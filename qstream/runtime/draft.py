@@ -132,6 +132,7 @@ class SharedDraft:
         # tree steps on a static cache, replayed as CUDA graphs (runtime/tree_cache.py); on the CPU
         # the dynamic cache is as fast (tests set ``static`` to run the padded steps there too)
         self.static = self.device.type == "cuda"
+        self.pad = self.static  # pad static steps to the graph widths (tests set it on the CPU too)
         self._tree = None
         from .tree_cache import LayerStack, PassThrough, StepGraphs  # imports transformers: not at import time
 
@@ -189,11 +190,12 @@ class SharedDraft:
         from .tree_cache import padded_inputs, width_for
 
         S = input_ids.shape[1]
-        w = width_for(S) if self.graphs is not None else None
+        w = width_for(S) if self.pad else None
         W = w or S
         ids, pos, mask, slots = padded_inputs(input_ids, position_ids, attention_mask, cache, W, self.dtype)
         dev = self.device
-        if w is not None:
+        graphed = w is not None and self.graphs is not None
+        if graphed:
             self.graphs.bind(cache)
             cache.write_at = self.graphs.write_at[:W]  # the graphs' slot buffer: same address every replay
             cache.write_at.copy_(slots)
@@ -201,7 +203,7 @@ class SharedDraft:
             cache.write_at = slots.to(dev)
         keep = slice(S - logits_to_keep, S) if logits_to_keep else slice(0, S)  # the real rows only
         real = getattr(self._base, self._attr)
-        if w is not None:
+        if graphed:
             setattr(self._base, self._attr, self._stack)  # one graph runs every layer (LayerStack)
         try:
             with attention_backends():
