@@ -13,18 +13,14 @@ set -u
 OUT=${1:?usage: decode_h200.sh OUTDIR [stages...]}
 shift
 STAGES=${*:-probe tests shards bench eagerbench batch8 generate}
-mkdir -p "$OUT" /tmp/qs /tmp/qs/json
-exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1
-source scripts/device_setup.sh || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+mkdir -p /tmp/qs /tmp/qs/json
+source scripts/device_log.sh "$OUT" name,memory.total,driver_version,clocks.sm,clocks.mem || exit 1  # log, wheels, GPUs, stamp()
 python3 -c "import torch, transformers, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bnb', bitsandbytes.__version__)"
 nproc; uname -r
 
 L8=/tmp/qs/l8b-nf4
 L70=/tmp/qs/l70b6-nf4
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-stamp() { echo "=== $(date +%T) $*"; }
 
 bench() {  # name, then bench args
     local name=$1; shift

@@ -10,12 +10,8 @@ OUT=${1:?usage: gpu_round2.sh OUTDIR [stages]}
 shift
 STAGES=${*:-linear pass70 pass8 serve}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-mkdir -p "$OUT" /tmp/qs
-exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1
-source scripts/device_setup.sh || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-stamp() { echo "=== $(date +%T) $*"; }
+mkdir -p /tmp/qs
+source scripts/device_log.sh "$OUT" || exit 1  # log, wheels, GPUs, stamp()
 L8=/tmp/qs/l8b-nf4
 L70=/tmp/qs/l70b6-nf4
 stamp shards

@@ -5,14 +5,10 @@
 #     bash scripts/gpu_round3.sh OUTDIR
 set -u
 OUT=${1:?usage: gpu_round3.sh OUTDIR}
-mkdir -p "$OUT" /tmp/qs/json
-exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1
-source scripts/device_setup.sh || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+mkdir -p /tmp/qs/json
+source scripts/device_log.sh "$OUT" name,memory.total,driver_version,clocks.sm || exit 1  # log, wheels, GPUs, stamp()
 python3 -c "import torch, transformers, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bnb', bitsandbytes.__version__)"
 L8=/tmp/qs/l8b-nf4
-stamp() { echo "=== $(date +%T) $*"; }
 bench() { local name=$1; shift; stamp "bench $name: $*"
     timeout 150 python3 -m qstream.cli bench "$@" --prompt-tokens 64 --json "$OUT/$name.json"; echo "rc=$?"; }
 stamp tests

@@ -5,12 +5,7 @@
 #     bash scripts/gpu_round4.sh OUTDIR
 set -u
 OUT=${1:?usage: gpu_round4.sh OUTDIR}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1
-source scripts/device_setup.sh || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-stamp() { echo "=== $(date +%T) $*"; }
+source scripts/device_log.sh "$OUT" || exit 1  # log, wheels, GPUs, stamp()
 L8=/tmp/qs/l8b-nf4
 stamp gpu tests
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gemv_gpu.py 2>&1 | tail -12

@@ -5,12 +5,7 @@
 #     bash scripts/gpu_round5.sh OUTDIR
 set -u
 OUT=${1:?usage: gpu_round5.sh OUTDIR}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1
-source scripts/device_setup.sh || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-stamp() { echo "=== $(date +%T) $*"; }
+source scripts/device_log.sh "$OUT" || exit 1  # log, wheels, GPUs, stamp()
 L8=/tmp/qs/l8b-nf4
 stamp shards
 [ -f $L8/manifest.json ] || timeout 120 python3 scripts/make_synthetic_shards.py --shape llama3-8b --out $L8

@@ -5,12 +5,7 @@
 #     bash scripts/gpu_round6.sh OUTDIR
 set -u
 OUT=${1:?usage: gpu_round6.sh OUTDIR}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1
-source scripts/device_setup.sh || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-stamp() { echo "=== $(date +%T) $*"; }
+source scripts/device_log.sh "$OUT" || exit 1  # log, wheels, GPUs, stamp()
 for s in "nf4 64" "q4k 32" "q4 64"; do
   set -- $s
   stamp "shards 8B $1 g$2"

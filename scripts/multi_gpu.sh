@@ -19,12 +19,9 @@ set -u
 OUT=${1:?usage: multi_gpu.sh OUTDIR [stages...]}
 shift
 STAGES=${*:-tests shards bench}
-mkdir -p "$OUT" /tmp/qs /tmp/qs/mjson
+mkdir -p /tmp/qs /tmp/qs/mjson
 rm -f /tmp/qs/mjson/*.json
-exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1
-source scripts/device_setup.sh || exit 1
-nvidia-smi --query-gpu=index,name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv,noheader
+source scripts/device_log.sh "$OUT" index,name,memory.total,pcie.link.gen.current,pcie.link.width.current || exit 1  # log, wheels, GPUs, stamp()
 nvidia-smi topo -m 2>/dev/null | head -6
 python3 -c "import torch, transformers, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bnb', bitsandbytes.__version__, 'gpus', torch.cuda.device_count())"
 nproc; uname -r
@@ -34,7 +31,6 @@ L70=/tmp/qs/l70b12-nf4
 L70S=/tmp/qs/l70b6-nf4
 TWO=cuda:0,cuda:1
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-stamp() { echo "=== $(date +%T) $*"; }
 
 bench() {  # name, then bench args (a fresh process per figure)
     local name=$1; shift

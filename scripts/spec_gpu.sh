@@ -28,17 +28,13 @@
 # Writes OUTDIR/log.txt, OUTDIR/*.json (one per figure) and OUTDIR/predicted.json. Shards go to /tmp/qs.
 set -u
 OUT=${1:?usage: spec_gpu.sh OUTDIR}
-mkdir -p "$OUT" /tmp/qs
-exec > >(tee -a "$OUT/log.txt") 2>&1
-export PYTHONUNBUFFERED=1
-source scripts/device_setup.sh || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+mkdir -p /tmp/qs
+source scripts/device_log.sh "$OUT" || exit 1  # log, wheels, GPUs, stamp()
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 L8=/tmp/qs/l8b-nf4-draft-q2
 L70=/tmp/qs/l70b6-nf4-draft-q2
 TREES=16,64,256
-stamp() { echo "=== $(date +%T) $*"; }
 cost() {  # name, dir, budget
     stamp "cost $1: $2 --budget $3 (fresh process)"
     timeout 120 python3 scripts/spec_cost.py "$2" --budget "$3" --trees $TREES --json "$OUT/$1.json"
