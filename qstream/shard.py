@@ -566,23 +566,18 @@ def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, rea
     stored (dequantized) produces layer i+1's inputs. ``importance`` (a dict to fill, when the recipe has
     a draft): every 2-D linear's diag(H), the mean squared input of each column, for the draft's fit."""
     raw = {n: _read_source(source, read_as[n]) for n in members}
-    tensors, metas, runtime = {}, {}, {}
-
-    fitted: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
+    fitted: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}  # name -> (packed, meta), packed for the file last
+    runtime = {}  # name -> what the runtime computes with (dequantized): the next stage's and layer's inputs
     fit_method = "imatrix" if method == "signround" else method  # signround tunes the imatrix fit's codes
 
-    def store(n: str, hessian: torch.Tensor | None, packed=None) -> None:
-        if importance is not None and hessian is not None:
-            importance[n] = torch.diagonal(hessian).float().cpu()
-        if packed is None:
-            packed, meta = _quantize_tensor(raw[n], specs[n], dev, compute_dtype, hessian, fit_method)
-        else:
-            meta = {k: v for k, v in metas[n].items() if k != "stored"}
+    def use(n: str, packed: dict[str, torch.Tensor], meta: dict) -> None:
         fitted[n] = packed, meta
         runtime[n] = dequantize(packed, meta, dtype=torch.float32) if raw[n].is_floating_point() else raw[n]
-        keyed, meta["stored"] = pack_stored(n, {k: t.contiguous().cpu() for k, t in packed.items()})
-        tensors.update(keyed)
-        metas[n] = meta
+
+    def fit(n: str, hessian: torch.Tensor | None) -> None:
+        if importance is not None and hessian is not None:
+            importance[n] = torch.diagonal(hessian).float().cpu()
+        use(n, *_quantize_tensor(raw[n], specs[n], dev, compute_dtype, hessian, fit_method))
 
     hessians: dict[str, torch.Tensor] = {}
     if unit.startswith("layer_"):
@@ -599,16 +594,20 @@ def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, rea
             if not now:
                 break  # weights the forward never used: quantized below without a Hessian
             for n in now:
-                store(n, hessians[n])
+                fit(n, hessians[n])
             todo = [n for n in todo if n not in now]
     for n in members:
-        if n not in metas:
-            store(n, None)
+        if n not in fitted:
+            fit(n, None)
     if unit.startswith("layer_") and method == "signround":
         i = int(unit.split("_")[1])
         for n, packed in _signround(cal, i, raw, runtime, fitted, tune).items():
-            store(n, None, packed)
-    metas = {n: metas[n] for n in members}
+            use(n, packed, fitted[n][1])
+    tensors, metas = {}, {}
+    for n in members:
+        packed, metas[n] = fitted[n]
+        keyed, metas[n]["stored"] = pack_stored(n, {k: t.contiguous().cpu() for k, t in packed.items()})
+        tensors.update(keyed)
     raw.clear()  # the layer's float weights: at most about two layers are held while sharding
     fitted.clear()
     del hessians
