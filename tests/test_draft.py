@@ -193,7 +193,7 @@ def test_tree_cache_rows_and_padding():
     assert allowed[0].nonzero().flatten().tolist() == [0, 1, 2, 3]  # committed rows and itself
     assert allowed[1].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
     assert allowed[2:].sum(1).tolist() == [1] * 6  # padding rows: slot 0 only
-    with pytest.raises(DraftCacheFull, match="draft_max_seq"):
+    with pytest.raises(DraftCacheFull, match=r"the draft's KV cache \(16 rows\) cannot take 16 more after 3$"):
         padded_inputs(torch.tensor([[5]]), None, None, c, 16, torch.float32)
     for layer in c.layers:
         layer.lazy_initialization(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))

@@ -121,8 +121,8 @@ def padded_inputs(ids: torch.Tensor, pos: torch.Tensor | None, mask: torch.Tenso
     admitted columns) or additive 4-D [1, 1, S, n + S] (a tree), n = the cache's length."""
     S, n, cap = ids.shape[1], cache.length, cache.capacity
     if n + width > cap:
-        raise DraftCacheFull(f"the draft's KV cache ({cap} rows) cannot take {width} more after {n}: "
-                             "raise draft_max_seq (--draft-max-seq) or shorten the generation")
+        # the speculative loop sizes the cache for the prompt, the new tokens and one tree: a bound, not a guess
+        raise DraftCacheFull(f"the draft's KV cache ({cap} rows) cannot take {width} more after {n}")
     allow = torch.zeros(width, cap, dtype=torch.bool)
     if mask is None or mask.dim() == 2:
         cols = torch.ones(n + S, dtype=torch.bool) if mask is None else mask[0, :n + S].bool()
