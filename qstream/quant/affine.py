@@ -105,6 +105,10 @@ class Affine:
             imp = torch.cat([imp, imp.new_zeros(pad)]).expand(x.shape[0], -1).reshape(-1, g)
         return x.reshape(-1, g), mask, imp
 
+    def affine_form(self, packed: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+        """Codes plus float16 scale and min per group: the stored form itself (k-schemes expand their grid)."""
+        return packed
+
     def dequantize(self, packed: dict[str, torch.Tensor], meta: dict, *, dtype: torch.dtype) -> torch.Tensor:
         shape = torch.Size(meta["shape"])
         g = meta["block_size"]

@@ -140,7 +140,10 @@ class KAffine(Affine):
         return packed, meta
 
     def affine_form(self, packed: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
-        """The same weight in :mod:`.affine`'s stored form: codes plus float16 scale and min per group."""
+        """The same weight in :mod:`.affine`'s stored form: codes plus float16 scale and min per group
+        (a weight already in that form, settled by QLinear.settle, as it is)."""
+        if "grid" not in packed:
+            return packed
         rows, cols = meta["shape"]
         g = meta["block_size"]
         groups = _padded_cols(cols, g) // g
@@ -159,9 +162,7 @@ class KAffine(Affine):
     # joins the members' resident forms (float16 scale and min) instead
 
     def dequantize(self, packed: dict[str, torch.Tensor], meta: dict, *, dtype: torch.dtype) -> torch.Tensor:
-        if "grid" in packed:
-            packed = self.affine_form(packed, meta)
-        return super().dequantize(packed, meta, dtype=dtype)
+        return super().dequantize(self.affine_form(packed, meta), meta, dtype=dtype)
 
     def gemv(self, x: torch.Tensor, packed: dict[str, torch.Tensor], meta: dict,
              bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -59,7 +59,7 @@ class Rounding:
     def __init__(self, w: torch.Tensor, packed: dict[str, torch.Tensor], meta: dict):
         scheme = get_scheme(meta["scheme"])
         self.scheme, self.packed, self.meta = scheme, packed, meta
-        form = scheme.affine_form(packed, meta) if "grid" in packed else packed  # k-schemes: float16 grid
+        form = scheme.affine_form(packed, meta)  # k-schemes: the 6-bit grid as float16 scale and min
         rows, cols = meta["shape"]
         g = meta["block_size"]
         groups = form["scale"].shape[1]

@@ -77,8 +77,7 @@ def _affine_rows(scheme: Affine, packed: dict[str, torch.Tensor], meta: dict, ro
                  dtype: torch.dtype) -> torch.Tensor:
     """q2 ... q8: every row is padded to whole groups and each bit field (bitpack) is stored row after
     row, so a row's bytes are one contiguous slice of every field's segment."""
-    if "grid" in packed:  # q2k ... q6k: the 6-bit grid expanded to float16 scales (quant/kquant.py)
-        packed = scheme.affine_form(packed, meta)
+    packed = scheme.affine_form(packed, meta)  # q2k ... q6k: the 6-bit grid as float16 scales (quant/kquant.py)
     V, C = meta["shape"]
     padded = C + (-C % meta["block_size"])
     parts, start = [], 0
