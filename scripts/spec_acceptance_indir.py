@@ -29,7 +29,7 @@ from qstream.generate import SamplingConfig, load_tokenizer  # noqa: E402
 from qstream.recipe import parse_recipe  # noqa: E402
 from qstream.shard import shard  # noqa: E402
 from qstream.speculate import SpecConfig, speculative_generate  # noqa: E402
-from spec_acceptance import PROMPTS, plain_run  # noqa: E402
+from spec_acceptance import CODE_PROMPTS, PROMPTS, plain_run  # noqa: E402
 from spec_cost import MARGIN, costs  # noqa: E402
 
 MAX_SEQ, CHUNK, DRAFT_SEQ = 1024, 512, 1024  # KV rooms of the plan (the loop's caches are dynamic)
@@ -69,13 +69,14 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--calib-text", help="fit the drafts with imatrix calibration on this text (e.g. eval/data/calib.txt)")
+    ap.add_argument("--code", action="store_true", help="use the code prompts (for a code model)")
     ap.add_argument("--work", default="/tmp/qstream-spec")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    prompts = PROMPTS[: a.prompts]
+    prompts = (CODE_PROMPTS if a.code else PROMPTS)[: a.prompts]
     cfg = SamplingConfig(max_new_tokens=a.new_tokens)
     result = {"model": a.model, "target": "bf16 shards, in-directory draft (runtime/draft.py)", "compute_dtype": "bfloat16",
               "new_tokens": a.new_tokens, "prompts": prompts, "sampling": "greedy", "threads": 1,
