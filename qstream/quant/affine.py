@@ -28,7 +28,7 @@ import torch
 
 from ..dtypes import DTYPE_NAMES
 from ..errors import RecipeError
-from . import affine_triton, bitpack, gemv_triton
+from . import affine_triton, bitpack, gemm_triton, gemv_triton
 from .hqq import FitConfig, fit, fit_weighted
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -122,13 +122,18 @@ class Affine:
 
     def gemv(self, x: torch.Tensor, packed: dict[str, torch.Tensor], meta: dict,
              bias: torch.Tensor | None) -> torch.Tensor | None:
-        """x [.., in] with at most gemv_triton.MAX_ROWS rows -> x @ W.T straight from the packed codes
-        (one fused Triton kernel, no dequantized weight). None when it does not apply (no Triton or
+        """x [.., in] -> x @ W.T straight from the packed codes (one fused Triton kernel, no dequantized
+        weight): the small-matmul kernel for 2 to gemm_triton.MAX_ROWS rows (a draft's tree steps), else
+        the GEMV kernel (one row; more when the first declines). None when neither applies (no Triton or
         CUDA, more rows, a weight that is not 2-D), so the caller dequantizes instead."""
         if len(meta["shape"]) != 2 or not gemv_triton.available(x):
             return None
-        return gemv_triton.affine_gemv(x, packed[""], packed["scale"], packed["min"], bits=self.bits,
-                                       group=meta["block_size"], shape=meta["shape"], bias=bias)
+        for kernel in (gemm_triton.affine_mm, gemv_triton.affine_gemv):
+            y = kernel(x, packed[""], packed["scale"], packed["min"], bits=self.bits, group=meta["block_size"],
+                       shape=meta["shape"], bias=bias)
+            if y is not None:
+                return y
+        return None
 
     def join_rows(self, metas: list[dict]) -> dict | None:
         """The metadata of the weight whose rows are the given weights' rows one after the other

@@ -61,7 +61,8 @@ class FourBit:
 
     def gemv(self, x: torch.Tensor, packed: dict[str, torch.Tensor], meta: dict, bias: torch.Tensor | None) -> torch.Tensor | None:
         """x [.., in] with a single row on CUDA -> x @ W.T straight from the 4-bit codes
-        (bitsandbytes' fused inference kernel; no dequantized weight is written). None when
+        (bitsandbytes' fused inference kernel; no dequantized weight is written). Several rows
+        dequantize: a small-matmul kernel over these codes lost to that on the H200 (gemm_triton.py). None when
         the fused path does not apply, so the caller dequantizes instead. gemv_triton.NF4_KERNEL = "triton"
         (env QSTREAM_NF4_GEMV=triton) runs qstream's Triton kernel instead, falling back to bitsandbytes'."""
         if gemv_triton.NF4_KERNEL == "triton" and gemv_triton.available(x) and len(meta["shape"]) == 2:
