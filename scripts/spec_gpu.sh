@@ -42,7 +42,7 @@ cost() {  # name, dir, budget
 }
 
 stamp "tests: the in-directory draft on CUDA is exact"
-timeout 120 python3 -m pytest -x -q -p no:cacheprovider tests/test_draft_gpu.py 2>&1 | tail -5
+timeout 150 python3 -m pytest -x -q -p no:cacheprovider tests/test_gemm_triton.py tests/test_draft_gpu.py 2>&1 | tail -5
 
 stamp shards
 [ -f $L8/manifest.json ] || timeout 150 python3 scripts/make_synthetic_shards.py --shape llama3-8b --out $L8 \
