@@ -1,7 +1,7 @@
-"""Fused dequantize + matrix product for 2-16 input rows of the affine q-formats, in Triton (issue 14).
+"""Fused dequantize + matrix product for 2-8 input rows of the affine q-formats, in Triton (issue 14).
 
-A speculative draft step runs 8-16 rows (the tree's newest nodes, padded) through every linear layer. The
-GEMV kernel (:mod:`.gemv_triton`) runs one program per input row, each decoding every code again: 8 rows
+A speculative draft step runs 8-16 rows (the tree's newest nodes, padded to 8, 16, 32 or 64) through every
+linear layer. The GEMV kernel (:mod:`.gemv_triton`) runs one program per input row, each decoding every code again: 8 rows
 cost 6.6x one. Dequantize + matmul writes and re-reads 2 bytes per weight, 14x the bytes of a 2.25-bit
 draft's codes, whatever the rows (10.5 ms for the linears of an 8B step on the H200).
 
@@ -35,9 +35,10 @@ except ImportError:  # CPU-only installs: callers fall back to dequantize + matm
 
 # Rows these kernels take (scripts/gemm_bench.py, H200, all linears of an 8B step in q2/128, CUDA graph):
 # 2-8 rows 7.5-8.7 ms against 8.8-30.8 ms for the GEMV kernel (one program per row) and 10.5 ms for
-# dequantize + matmul; at 16 rows the three are even (10.5 ms, 9.2 at the best tiles); at 64 rows dequantize +
-# matmul wins (10.5 against 17-28 ms): the weight written once is re-read by enough rows to pay for itself.
-MAX_ROWS = 16
+# dequantize + matmul. At 16 rows the two are even (10.55 against 10.50 ms; a 16-row step of the whole 8B
+# draft 16.2 ms through this kernel against 15.6 through dequantize + matmul), so 16 rows keep the older
+# path; at 64 rows dequantize + matmul wins (10.5 against 17-28 ms).
+MAX_ROWS = 8
 MIN_ROWS = 2  # a single row is the GEMV kernel's case (4.6 ms)
 
 
