@@ -8,48 +8,17 @@ Skipped without Triton, and on CPU without the interpreter (CI has neither).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from _triton_kernels import DEV, INTERPRET
+from _triton_kernels import check as _check
+from _triton_kernels import weights as _weights
 
-triton = pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (torch.cuda.is_available() or INTERPRET):
-    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from qstream.quant import QuantSpec, dequantize, gemm_triton, get_scheme, quantize
+from qstream.runtime.qlinear import QLinear
 
-if INTERPRET:
-    import triton.runtime.interpreter as _interp
-
-    _patch = _interp._patch_lang_tensor  # as in test_gemv_triton.py: numpy >= 2.3 and Triton 3.5's interpreter
-
-    def _patch_lang_tensor(tensor):
-        _patch(tensor)
-        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
-
-    _interp._patch_lang_tensor = _patch_lang_tensor
-
-from qstream.quant import QuantSpec, dequantize, gemm_triton, get_scheme, quantize  # noqa: E402
-from qstream.runtime.qlinear import QLinear  # noqa: E402
-
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Triton 3.5's interpreter gets bfloat16 wrong (numpy has none: values come out as garbage); the GPU runs bf16
 HALF = torch.float16 if INTERPRET else torch.bfloat16
-
-
-def _weights(n: int, k: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, k, generator=g) * 0.02).to(DEV)
-
-
-def _check(y: torch.Tensor, x: torch.Tensor, w_hat: torch.Tensor, bias: torch.Tensor | None, rel: float) -> None:
-    """y against x @ w_hat.T in float64, both in the 16-bit inputs the kernel saw; the tolerance scales with
-    |x| @ |w_hat|.T (the size of the terms summed): fp32 accumulation of bf16 products, the output rounded once."""
-    xd, wd = x.reshape(-1, x.shape[-1]).double(), w_hat.double()
-    want = xd @ wd.T + (0 if bias is None else bias.double())
-    scale = xd.abs() @ wd.abs().T + 1e-6
-    err = ((y.reshape(want.shape).double() - want).abs() / scale).max().item()
-    assert err < rel, err
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
