@@ -24,9 +24,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gemv_bench import DT, HBM_BYTES_PER_S, SHAPES, make_specs, step_times  # noqa: E402
+from gemv_bench import DT, HBM_BYTES_PER_S, SHAPES, check_cases, make_specs, step_times, time_configs  # noqa: E402
 from qstream.eval.results import machine, versions  # noqa: E402
-from qstream.quant import QuantSpec, affine_triton, dequantize, gemm_triton, gemv_triton, get_scheme, quantize  # noqa: E402
+from qstream.quant import affine_triton, gemm_triton, gemv_triton  # noqa: E402
 from qstream.quant.bnb4 import _code  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -91,30 +91,11 @@ def bench(layers: int, steps: int, dev, row_counts=ROWS, formats=FORMATS) -> lis
 
 
 def check(dev) -> list[dict]:
-    """Fitted weights: the kernels against x @ dequantize(W).T + b in float64, relative to |x| @ |W|.T + |b|."""
-    gen = torch.Generator(device=dev).manual_seed(0)
-    out = []
-    cases = [(f"q{b}:{g}", n, k, r) for b in (2, 3, 4, 5, 6, 8) for g, n, k, r in ((32, 1024, 4000, 16), (128, 4096, 4096, 5))]
-    cases += [("q2k:32", 1024, 4096, 16), ("q4k:32", 4096, 14336, 8)]
-    for fmt, n, k, rows in cases:
-        name, bs = fmt.split(":")
-        w = torch.randn(n, k, device=dev, generator=gen) * 0.02
-        packed, meta = quantize(w, QuantSpec(name, int(bs)))
-        w_hat = dequantize(packed, meta, dtype=DT).double()
-        bias = torch.randn(n, device=dev, generator=gen).to(DT)
-        x = torch.randn(rows, k, device=dev, generator=gen).to(DT)
-        y = get_scheme(name).gemv(x, packed, meta, bias)  # as QLinear calls it
-        row = {"format": fmt, "shape": [n, k], "rows": rows}
-        if y is None:
-            out.append({**row, "ok": False, "error": "kernel declined"})
-            continue
-        want = x.double() @ w_hat.T + bias.double()
-        err = ((y.double() - want).abs() / (x.double().abs() @ w_hat.abs().T + bias.double().abs())).max().item()
-        out.append({**row, "rel_err": err, "ok": err < 1e-2})
-    bad = [r for r in out if not r["ok"]]
-    print(f"correctness: {len(out) - len(bad)}/{len(out)} ok; worst rel_err "
-          f"{max(r.get('rel_err', float('inf')) for r in out):.2e}" + (f"; FAILED {bad}" if bad else ""), flush=True)
-    return out
+    """Fitted weights through the scheme's hook, as QLinear calls it (2-8 rows: the small matmul), against
+    x @ dequantize(W).T + b in float64 (gemv_bench.check_cases)."""
+    cases = [(f"q{b}:{g}", n, k, r) for b in (2, 3, 4, 5, 6, 8) for g, n, k, r in ((32, 1024, 4000, 8), (128, 4096, 4096, 5))]
+    cases += [("q2k:32", 1024, 4096, 8), ("q4k:32", 4096, 14336, 2)]
+    return check_cases(cases, dev, torch.Generator(device=dev).manual_seed(0))
 
 
 SWEEP = [gemm_triton.Config(bm=0, bn=bn, bk=bk, split_k=sk) for bn in (16, 32, 64) for bk in (128, 256, 512)
@@ -124,9 +105,7 @@ SWEEP += [gemm_triton.Config(bm=0, bn=32, bk=256, split_k=sk, num_warps=w, num_s
 
 
 def sweep(layers: int, dev) -> list[dict]:
-    from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
-
+    """q2/128 (the 8B draft's copies) at 16 and 64 rows: graph time of `layers` calls per weight shape and tile."""
     out = []
     for fmt in ("q2:128",):
         name = fmt.split(":")[0]
@@ -135,16 +114,13 @@ def sweep(layers: int, dev) -> list[dict]:
             for m in (16, 64):
                 xs = {k: torch.randn(m, k, device=dev, dtype=DT)}
                 bm = min(64, max(16, 1 << (m - 1).bit_length()))
-                res = []
-                for c in SWEEP:
-                    cfg = gemm_triton.Config(bm=bm, bn=c.bn, bk=c.bk, split_k=c.split_k, num_warps=c.num_warps,
-                                             num_stages=c.num_stages)
-                    calls = [(kk, call("mm", name, p, mm, cfg)) for kk, _, _, p, mm in specs]
-                    try:
-                        res.append((statistics.median(step_times(calls, xs, True, 5)) * 1e3, vars(cfg)))
-                    except (OutOfResources, CompilationError) as e:  # a tile too big for the GPU: said, the sweep goes on
-                        print(f"  {fmt} {n}x{k} {cfg}: {type(e).__name__}", flush=True)
-                res.sort(key=lambda r: r[0])
+                configs = [gemm_triton.Config(bm=bm, bn=c.bn, bk=c.bk, split_k=c.split_k, num_warps=c.num_warps,
+                                              num_stages=c.num_stages) for c in SWEEP]
+
+                def calls_for(cfg, specs=specs):
+                    return [(kk, call("mm", name, p, mm, cfg)) for kk, _, _, p, mm in specs]
+
+                res = [(ms, vars(cfg)) for ms, cfg in time_configs(configs, calls_for, xs, 5, f"{fmt} {n}x{k} {m} rows")]
                 default = vars(gemm_triton.default_config(m, n, k, int(fmt.split(':')[1])))
                 dms = next((t for t, c in res if c == default), None)
                 row = {"format": fmt, "shape": [n, k], "rows": m, "best": res[0], "default": default,

@@ -93,7 +93,7 @@ def make_calls(specs: list[Spec], config=None, mode: str | None = None) -> list[
     for k, kind, name, packed, meta in specs:
         cfg = config
         if cfg is None and mode is not None:
-            bits = 4 if name in ("nf4", "fp4") else int(name[1:])
+            bits = 4 if name in ("nf4", "fp4") else int(name[1:].rstrip("k"))  # q2k: 2
             cfg = gemv_triton.default_config(*meta["shape"], bits, meta["block_size"], mode)
         out.append((k, _call(kind, name, packed, meta, cfg)))
     return out
@@ -227,7 +227,7 @@ def check_cases(cases, dev, gen) -> list[dict]:
         w_hat = dequantize(packed, meta, dtype=torch.float32).double()
         bias = torch.randn(n, device=dev, generator=gen).to(DT)
         x = torch.randn(rows, k, device=dev, generator=gen).to(DT)
-        bits = 4 if name in ("nf4", "fp4") else int(name[1:])
+        bits = 4 if name in ("nf4", "fp4") else int(name[1:].rstrip("k"))  # q2k: 2
         cfg = gemv_triton.default_config(n, k, bits, int(bs), mode[0]) if mode else None
         if name in ("nf4", "fp4"):
             y = gemv_triton.nf4_gemv(x, packed[""], packed["absmax"], _code(name, dev), block=int(bs),
@@ -259,11 +259,23 @@ SWEEP = [gemv_triton.Config(bn, bk, w, mode=mode) for mode in ("bcast", "loop") 
          for bk in (512, 1024, 4096) for w in (4, 8)]
 
 
-def sweep(layers: int, formats: list[str], dev) -> list[dict]:
-    """Per format and unique weight shape: graph time of `layers` calls on distinct weights, per tile config."""
+def time_configs(configs, calls_for: Callable, xs: dict[int, torch.Tensor], steps: int, label: str) -> list[tuple]:
+    """(median graph ms of one step, config) per tile config, fastest first. A config this GPU cannot compile
+    (a tile too big) is said and left out."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
+    res = []
+    for cfg in configs:
+        try:
+            res.append((statistics.median(step_times(calls_for(cfg), xs, True, steps)) * 1e3, cfg))
+        except (OutOfResources, CompilationError) as e:
+            print(f"  {label} {cfg}: {type(e).__name__}", flush=True)
+    return sorted(res, key=lambda r: r[0])
+
+
+def sweep(layers: int, formats: list[str], dev) -> list[dict]:
+    """Per format and unique weight shape: graph time of `layers` calls on distinct weights, per tile config."""
     out = []
     for fmt in formats:
         name, bs = fmt.split(":")
@@ -273,17 +285,8 @@ def sweep(layers: int, formats: list[str], dev) -> list[dict]:
             xs = {k: torch.randn(1, k, device=dev, dtype=DT)}
             specs, nbytes = make_specs(kind, fmt, layers, dev, shapes=[(n, k)])
             default = gemv_triton.default_config(n, k, bits, int(bs), "bcast" if kind == "triton-nf4" else "loop")
-            res = []
-            for cfg in SWEEP + ([default] if default not in SWEEP else []):
-                if cfg.bk < int(bs):
-                    continue
-                try:
-                    ms = statistics.median(step_times(make_calls(specs, cfg), xs, True, 10)) * 1e3
-                except (OutOfResources, CompilationError) as e:  # a tile too big for this GPU: say so, go on
-                    print(f"  {fmt} {n}x{k} {cfg}: {type(e).__name__}", flush=True)
-                    continue
-                res.append((ms, cfg))
-            res.sort(key=lambda r: r[0])
+            configs = [c for c in SWEEP + ([default] if default not in SWEEP else []) if c.bk >= int(bs)]
+            res = time_configs(configs, lambda cfg, specs=specs: make_calls(specs, cfg), xs, 10, f"{fmt} {n}x{k}")
             best_ms, best = res[0]
             row = {"format": fmt, "shape": [n, k], "layers": layers, "best": vars(best), "best_ms": best_ms,
                    "best_GBps": nbytes / best_ms / 1e6, "default": vars(default),
