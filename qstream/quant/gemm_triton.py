@@ -165,10 +165,9 @@ if triton is not None:
         _finish(acc, bias_ptr, out_ptr, rm, rn, M, N, stride_om, pid_k, SPLIT_K, HAS_BIAS)
 
 
-def _launch_dtype(x2: torch.Tensor) -> torch.Tensor | None:
-    # tl.dot on the tensor cores takes 16-bit inputs (fp32 would run as tf32 and lose bits against the
-    # dequantize + matmul path); float32 callers fall back
-    return x2 if x2.dtype in (torch.float16, torch.bfloat16) else None
+# tl.dot on the tensor cores takes 16-bit inputs here (float32 would run as tf32 and lose bits against the
+# dequantize + matmul path): float32 callers fall back
+_DOT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def affine_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, *, bits: int,
@@ -179,7 +178,7 @@ def affine_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: t
     rows, groups = scale.shape
     x2 = _rows(x, k)
     w = _words(packed)
-    if x2 is None or _launch_dtype(x2) is None or w is None or rows != n or groups * group < k:
+    if x2 is None or x2.dtype not in _DOT_DTYPES or w is None or rows != n or groups * group < k:
         return None
     padded = groups * group
     (wa, _), *rest = fields(bits)
