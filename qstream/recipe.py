@@ -13,7 +13,8 @@
       text_file: eval/data/calib.txt
       tokens: 4096
       method: gptq                 # or imatrix (importance-weighted grids, no error feedback), or
-                                   # signround (imatrix, then rounding tuned on each layer's output)
+                                   # signround (imatrix, then rounding tuned on each layer's output;
+                                   # the draft's copies too)
       steps: 24                    # signround only: tuning steps per layer (default: 3 per sequence)
     draft: {scheme: q3, group_size: 64}  # optional: a low-bit copy of the decoder layers in the same
                                    # directory, the draft of self-speculative decoding (see shard_draft.py)

@@ -357,8 +357,15 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
     written = resumed = moved = 0
     entries: list[FileEntry] = []
     cal = _calibrator(recipe, source, prefix, dev) if recipe.calibration is not None else None
-    # a calibrated recipe's draft is fitted to the same activations (imatrix), collected on the way
+    # a calibrated recipe's draft is fitted to the same activations (imatrix), collected on the way; with
+    # signround its copies are also tuned on each layer's output on the way (held until the draft files are
+    # written: the draft's 2-4 bits per weight in host memory)
     draft_importance = {} if cal is not None and recipe.draft is not None else None
+    draft = None
+    if draft_importance is not None and recipe.calibration.method == "signround":
+        from .shard_draft import draft_spec  # (as below)
+        draft = DraftTuning({n: draft_spec(recipe, n, shapes[n]) for u, m in units.items() if u.startswith("layer_")
+                             for n in m}, {})
     tied_start = {}  # calibration: the embedding as the runtime will see it (the stored head, dequantized)
     if cal is not None and embedding is not None:
         tied_start = _tied_embedding_as_stored(source, embedding, specs[TIED_HEAD], dev, compute_dtype)
@@ -373,7 +380,7 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
             # (deterministic), write it only if it is not intact
             tensors, metas = _calibrated_unit(cal, unit, members, source, read_as, specs, dev, compute_dtype,
                                               tied_start, recipe.calibration.method, draft_importance,
-                                              RoundConfig(steps=recipe.calibration.steps))
+                                              RoundConfig(steps=recipe.calibration.steps), draft)
             moved += sum(math.prod(shapes[n]) * 4 for n in members)
             if _intact(path, done.get(fname)):
                 entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
@@ -409,7 +416,7 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
     if recipe.draft is not None:
         from .shard_draft import write_drafts  # (as above)
         drafts, w, r = write_drafts(recipe, source, out, units, read_as, shapes, journal, dev, compute_dtype, progress,
-                                    draft_importance)
+                                    draft_importance, draft.tuned if draft is not None else None)
         entries += drafts
         written, resumed = written + w, resumed + r
 
@@ -556,15 +563,27 @@ def _calibrator(recipe: Recipe, source, prefix: str, dev: torch.device) -> Calib
 TRUE_SEQUENTIAL = True
 
 
+@dataclass
+class DraftTuning:
+    """A draft tuned with signround during the calibrated pass: the draft's spec of every stored name, and the
+    tuned layers' (packed, meta) by name, filled layer by layer for shard_draft.write_drafts."""
+
+    specs: dict[str, QuantSpec]
+    tuned: dict[str, tuple[dict[str, torch.Tensor], dict]]
+
+
 def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, read_as: dict[str, str],
                      specs: dict[str, QuantSpec], dev: torch.device, compute_dtype: torch.dtype,
                      tied_start: dict[str, torch.Tensor], method: str = "gptq",
-                     importance: dict[str, torch.Tensor] | None = None, tune: RoundConfig = RoundConfig()):
+                     importance: dict[str, torch.Tensor] | None = None, tune: RoundConfig = RoundConfig(),
+                     draft: DraftTuning | None = None):
     """Embeddings: stored as usual, and they start the calibration (with ``tied_start``, a tied embedding
     stored in the head file, added). Layer i: its linears' Hessians on
     the current (already-quantized-upstream) activations, GPTQ for affine schemes, then the layer as
     stored (dequantized) produces layer i+1's inputs. ``importance`` (a dict to fill, when the recipe has
-    a draft): every 2-D linear's diag(H), the mean squared input of each column, for the draft's fit."""
+    a draft): every 2-D linear's diag(H), the mean squared input of each column, for the draft's fit.
+    ``draft`` (signround with a draft): the draft's copy of the layer is fitted with that importance and
+    tuned on the same layer output as the target's weights, into ``draft.tuned``."""
     raw = {n: _read_source(source, read_as[n]) for n in members}
     fitted: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}  # name -> (packed, meta), packed for the file last
     runtime = {}  # name -> what the runtime computes with (dequantized): the next stage's and layer's inputs
@@ -601,7 +620,14 @@ def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, rea
             fit(n, None)
     if unit.startswith("layer_") and method == "signround":
         i = int(unit.split("_")[1])
-        for n, packed in _signround(cal, i, raw, runtime, fitted, tune).items():
+        y = cal.reference_step(i, raw)  # the unquantized model's output of this layer: both tunings' target
+        if draft is not None:  # before the target's tuning: on the same inputs, against the same output
+            copies = {n: _quantize_tensor(raw[n], draft.specs[n], dev, compute_dtype,
+                                          importance=(importance or {}).get(n)) for n in members}
+            tuned = _signround(cal, i, y, raw, runtime, copies, tune, "draft")
+            draft.tuned.update({n: ({k: t.cpu() for k, t in tuned.get(n, copies[n][0]).items()}, copies[n][1])
+                                for n in members})
+        for n, packed in _signround(cal, i, y, raw, runtime, fitted, tune).items():
             use(n, packed, fitted[n][1])
     tensors, metas = {}, {}
     for n in members:
@@ -618,11 +644,12 @@ def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, rea
     return tensors, metas
 
 
-def _signround(cal: Calibrator, i: int, raw: dict[str, torch.Tensor], runtime: dict[str, torch.Tensor],
-               fitted: dict[str, tuple[dict, dict]], cfg: RoundConfig) -> dict[str, dict[str, torch.Tensor]]:
+def _signround(cal: Calibrator, i: int, y: torch.Tensor, raw: dict[str, torch.Tensor],
+               runtime: dict[str, torch.Tensor], fitted: dict[str, tuple[dict, dict]], cfg: RoundConfig,
+               what: str = "target") -> dict[str, dict[str, torch.Tensor]]:
     """Layer i's fitted affine weights with their rounding tuned on the layer's output (quant/signround.py):
-    inputs through the quantized layers before it, targets the unquantized model's output of this layer."""
-    y = cal.reference_step(i, raw)
+    inputs through the quantized layers before it, target ``y`` the unquantized model's output of this layer.
+    The tuned weights replace the layer's (``runtime``) ones; its other tensors are the target's."""
     layer = cal._load(i, runtime)
     at = f"{cal.prefix}.{i}."
     roundings = {n[len(at):]: Rounding(raw[n].to(cal.device), *fitted[n]) for n in fitted
@@ -631,8 +658,8 @@ def _signround(cal: Calibrator, i: int, raw: dict[str, torch.Tensor], runtime: d
         return {}
     with torch.enable_grad():
         before, after = tune_layer(layer, roundings, cal.hidden, y, cal.kwargs, cfg)
-    log.info("signround layer %d: output error %.4g -> %.4g (%d weights, %d steps)", i, before, after, len(roundings),
-             cfg.steps_for(cal.hidden.shape[0]))
+    log.info("signround %s layer %d: output error %.4g -> %.4g (%d weights, %d steps)", what, i, before, after,
+             len(roundings), cfg.steps_for(cal.hidden.shape[0]))
     return {at + k: r.result() for k, r in roundings.items()}
 
 

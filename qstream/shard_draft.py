@@ -11,7 +11,8 @@ at run time (runtime/draft.py), and so is every layer the tier plan keeps reside
 low-bit copy stands in only for layers the target streams. The draft is quantized from the
 source weights (not from the target's shards); with the recipe's calibration its fitted schemes
 (q2 ... q4, q2k ... q4k) fit each group to the activation-weighted error (imatrix) on the inputs the
-target's layers saw, which matters most at 2-3 bits.
+target's layers saw, which matters most at 2-3 bits. With ``method: signround`` each copy's rounding is
+then tuned on its layer's output during the calibrated pass (shard._calibrated_unit), as the target's is.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .shard import _intact, _read_source, _store_tensor, _with_fast_hash, is_qua
 from .store.files import atomic_write_bytes, safe_member
 from .store.integrity import fast_digest
 from .store.manifest import FileEntry, write_journal
-from .store.tensors import save_bytes
+from .store.tensors import pack_stored, save_bytes
 
 DRAFT_KIND = "draft"
 
@@ -62,11 +63,13 @@ def draft_plan(recipe: Recipe, units: dict[str, list[str]], shapes: dict) -> dic
 
 def write_drafts(recipe: Recipe, source, out: Path, units: dict[str, list[str]], read_as: dict[str, str],
                  shapes: dict, journal: dict, dev: torch.device, compute_dtype: torch.dtype,
-                 progress: bool, importance: dict[str, torch.Tensor] | None = None) -> tuple[list[FileEntry], int, int]:
+                 progress: bool, importance: dict[str, torch.Tensor] | None = None,
+                 tuned: dict[str, tuple[dict[str, torch.Tensor], dict]] | None = None) -> tuple[list[FileEntry], int, int]:
     """Write (or keep, when intact) one draft file per decoder layer. ``journal`` is the run's
     journal (its ``files`` are the finished ones; the draft names are already ``planned``).
     ``importance``: name -> mean squared input per column (calibration), for the imatrix fit.
-    Returns the entries, files written and files resumed."""
+    ``tuned``: name -> (packed, meta) already fitted and tuned (signround, shard._calibrated_unit), stored
+    as they are. Returns the entries, files written and files resumed."""
     done = journal["files"]
     entries, written, resumed = [], 0, 0
     layers = layer_units(units)
@@ -79,11 +82,15 @@ def write_drafts(recipe: Recipe, source, out: Path, units: dict[str, list[str]],
             continue
         tensors, metas = {}, {}
         for n in layers[i]:
-            w = _read_source(source, read_as[n])
-            keyed, metas[n] = _store_tensor(n, w, draft_spec(recipe, n, shapes[n]), dev, compute_dtype,
-                                            importance=(importance or {}).get(n))
+            if tuned is not None and n in tuned:
+                packed, metas[n] = tuned.pop(n)  # popped: the bytes are held only until their file is written
+                keyed, metas[n]["stored"] = pack_stored(n, packed)
+            else:
+                w = _read_source(source, read_as[n])
+                keyed, metas[n] = _store_tensor(n, w, draft_spec(recipe, n, shapes[n]), dev, compute_dtype,
+                                                importance=(importance or {}).get(n))
+                del w
             tensors.update(keyed)
-            del w
         data = save_bytes(tensors, {"qstream": json.dumps(metas, sort_keys=True)})
         del tensors
         atomic_write_bytes(path, data)

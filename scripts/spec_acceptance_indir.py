@@ -35,12 +35,14 @@ from spec_cost import MARGIN, costs  # noqa: E402
 MAX_SEQ, CHUNK, DRAFT_SEQ = 1024, 512, 1024  # KV rooms of the plan (the loop's caches are dynamic)
 
 
-def shards(model: str, draft: str, group: int, work: Path, calib_text: str | None = None) -> Path:
-    out = work / f"{Path(model).stem}-bf16-draft-{draft}g{group}{'-imatrix' if calib_text else ''}"
+def shards(model: str, draft: str, group: int, work: Path, calib_text: str | None = None,
+           calib_method: str = "imatrix") -> Path:
+    out = work / f"{Path(model).stem}-bf16-draft-{draft}g{group}{'-' + calib_method if calib_text else ''}"
     if not (out / "manifest.json").exists():
         t = time.perf_counter()
-        # with a calibration text the draft's groups are fitted to the activation-weighted error (imatrix)
-        cal = {"calibration": {"text_file": calib_text, "tokens": 4096, "method": "imatrix"}} if calib_text else {}
+        # with a calibration text the draft's groups are fitted to the activation-weighted error (imatrix), and
+        # with signround their rounding is also tuned on each layer's output
+        cal = {"calibration": {"text_file": calib_text, "tokens": 4096, "method": calib_method}} if calib_text else {}
         shard(parse_recipe({"model": model, "output": str(out), "scheme": "bf16", "compute_dtype": "bfloat16",
                             "draft": {"scheme": draft, "group_size": group}, **cal}), progress=False)
         print(f"sharded {model} + {draft} draft in {time.perf_counter() - t:.0f} s -> {out}", file=sys.stderr)
@@ -69,6 +71,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--calib-text", help="fit the drafts with imatrix calibration on this text (e.g. eval/data/calib.txt)")
+    ap.add_argument("--calib-method", default="imatrix", choices=("imatrix", "signround"),
+                    help="with --calib-text: how the draft is fitted")
     ap.add_argument("--code", action="store_true", help="use the code prompts (for a code model)")
     ap.add_argument("--work", default="/tmp/qstream-spec")
     ap.add_argument("--out", required=True)
@@ -84,7 +88,7 @@ def main() -> int:
                           "torch": torch.__version__, "load_avg_at_start": os.getloadavg()[0]}, "runs": []}
     plain = None
     for scheme in a.drafts.split(","):
-        d = shards(a.model, scheme, a.group, work, a.calib_text)
+        d = shards(a.model, scheme, a.group, work, a.calib_text, a.calib_method)
         for share in (float(x) for x in a.shares.split(",")):
             budget, r = budget_for_share(d, share)
             target = qstream.load(d, device="cpu", gpu_memory=budget, max_seq=MAX_SEQ, prefill_chunk=CHUNK, draft=True,
@@ -98,7 +102,7 @@ def main() -> int:
                 t = time.perf_counter()
                 res = speculative_generate(target, target.draft, tok, prompts, cfg, spec)
                 st = res.spec
-                row = {"draft": f"{scheme} g{a.group} in-dir{' imatrix' if a.calib_text else ''}", "mode": "tree", "budget": b, "max_depth": a.max_depth,
+                row = {"draft": f"{scheme} g{a.group} in-dir{' ' + a.calib_method if a.calib_text else ''}", "mode": "tree", "budget": b, "max_depth": a.max_depth,
                        "resident_share": share, "resident": len(target.plan.resident), "layers": len(target.layer_bytes),
                        "resident_wanted": r, "tokens_per_pass": st.tokens_per_pass, "passes": st.passes,
                        "median_tokens_per_pass": statistics.median(st.accepted) if st.accepted else 0,

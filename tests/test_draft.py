@@ -270,3 +270,42 @@ def test_a_calibrated_recipe_fits_its_draft_to_the_activations(tmp_path):
     finally:
         model.close()
     assert got.new_tokens[0] == want
+
+
+def test_a_signround_recipe_tunes_its_draft_on_each_layer_output(tmp_path, caplog):
+    """calibration.method signround with a draft: each layer's low-bit copy is fitted (imatrix) and its rounding
+    tuned on that layer's output, next to the target's weights (the log says so for every layer), so its codes
+    differ from the imatrix draft's; the directory still decodes exactly."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    src = make_tiny(tmp_path / "m", "llama")
+    byte_tokenizer(src)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog while numbers 0123456789 count. " * 60)
+    draft = {"scheme": "q2k", "group_size": 32}
+    dirs = {}
+    for method in ("imatrix", "signround"):
+        with caplog.at_level(logging.INFO, logger="qstream.shard"):
+            dirs[method] = shard_to(tmp_path / method, src, "fp32", compute_dtype="float32", draft=draft,
+                                    calibration={"text_file": str(text), "tokens": 1024, "method": method})
+    tuned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("signround draft layer")]
+    assert len(tuned) == 4  # one per decoder layer
+    files = {m: read_manifest(d).draft_files() for m, d in dirs.items()}
+    differ = 0
+    for a, b in zip(files["imatrix"], files["signround"]):
+        ta, tb = load_file(dirs["imatrix"] / a.name), load_file(dirs["signround"] / b.name)
+        assert ta.keys() == tb.keys() and a.tensors.keys() == b.tensors.keys()
+        differ += sum(not torch.equal(ta[k], tb[k]) for k in ta)
+    assert differ > 0  # the tuning kept new codes somewhere (it keeps them only where the layer's error drops)
+    x = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    model = qstream.load(dirs["signround"], draft=True, gpu_memory=_mixed_budget(dirs["signround"]), **LOAD)
+    try:
+        assert model.draft.drafted
+        cfg = SamplingConfig(max_new_tokens=12)
+        want = generate_ids(model, x, torch.ones_like(x), cfg).new_tokens[0]
+        got = speculative_generate_ids(model, model.draft, x, cfg, SpecConfig(budget=8, fallback=False))
+    finally:
+        model.close()
+    assert got.new_tokens[0] == want
