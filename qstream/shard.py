@@ -358,12 +358,13 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
     entries: list[FileEntry] = []
     cal = _calibrator(recipe, source, prefix, dev) if recipe.calibration is not None else None
     # a calibrated recipe's draft is fitted to the same activations (imatrix), collected on the way; with
-    # signround its copies are also tuned on each layer's output on the way (held until the draft files are
-    # written: the draft's 2-4 bits per weight in host memory)
+    # signround its copies are also tuned on each layer's output on the way, and each draft file is written
+    # right after its layer (no tuned copy is held longer)
     draft_importance = {} if cal is not None and recipe.draft is not None else None
     draft = None
+    drafts_now: dict[int, tuple[FileEntry, bool]] = {}  # layer -> (entry, written) of the draft files made on the way
     if draft_importance is not None and recipe.calibration.method == "signround":
-        from .shard_draft import draft_spec  # (as below)
+        from .shard_draft import draft_spec, write_draft_file  # (as below)
         draft = DraftTuning({n: draft_spec(recipe, n, shapes[n]) for u, m in units.items() if u.startswith("layer_")
                              for n in m}, {})
     tied_start = {}  # calibration: the embedding as the runtime will see it (the stored head, dequantized)
@@ -381,6 +382,11 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
             tensors, metas = _calibrated_unit(cal, unit, members, source, read_as, specs, dev, compute_dtype,
                                               tied_start, recipe.calibration.method, draft_importance,
                                               RoundConfig(steps=recipe.calibration.steps), draft)
+            if draft is not None and unit.startswith("layer_"):
+                i = int(unit.split("_")[1])
+                drafts_now[i] = write_draft_file(recipe, source, out, i, members, read_as, shapes, journal, dev,
+                                                 compute_dtype, tuned=draft.tuned)
+                draft.tuned.clear()
             moved += sum(math.prod(shapes[n]) * 4 for n in members)
             if _intact(path, done.get(fname)):
                 entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
@@ -416,7 +422,7 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
     if recipe.draft is not None:
         from .shard_draft import write_drafts  # (as above)
         drafts, w, r = write_drafts(recipe, source, out, units, read_as, shapes, journal, dev, compute_dtype, progress,
-                                    draft_importance, draft.tuned if draft is not None else None)
+                                    draft_importance, drafts_now)
         entries += drafts
         written, resumed = written + w, resumed + r
 
@@ -566,7 +572,7 @@ TRUE_SEQUENTIAL = True
 @dataclass
 class DraftTuning:
     """A draft tuned with signround during the calibrated pass: the draft's spec of every stored name, and the
-    tuned layers' (packed, meta) by name, filled layer by layer for shard_draft.write_drafts."""
+    current layer's tuned (packed, meta) by name, for shard_draft.write_draft_file."""
 
     specs: dict[str, QuantSpec]
     tuned: dict[str, tuple[dict[str, torch.Tensor], dict]]

@@ -64,40 +64,48 @@ def draft_plan(recipe: Recipe, units: dict[str, list[str]], shapes: dict) -> dic
 def write_drafts(recipe: Recipe, source, out: Path, units: dict[str, list[str]], read_as: dict[str, str],
                  shapes: dict, journal: dict, dev: torch.device, compute_dtype: torch.dtype,
                  progress: bool, importance: dict[str, torch.Tensor] | None = None,
-                 tuned: dict[str, tuple[dict[str, torch.Tensor], dict]] | None = None) -> tuple[list[FileEntry], int, int]:
+                 already: dict[int, tuple[FileEntry, bool]] | None = None) -> tuple[list[FileEntry], int, int]:
     """Write (or keep, when intact) one draft file per decoder layer. ``journal`` is the run's
     journal (its ``files`` are the finished ones; the draft names are already ``planned``).
     ``importance``: name -> mean squared input per column (calibration), for the imatrix fit.
-    ``tuned``: name -> (packed, meta) already fitted and tuned (signround, shard._calibrated_unit), stored
-    as they are. Returns the entries, files written and files resumed."""
-    done = journal["files"]
+    ``already``: layer -> (entry, written) of the draft files this run made during the calibrated pass
+    (signround). Returns the entries, files written and files resumed."""
     entries, written, resumed = [], 0, 0
     layers = layer_units(units)
     for i in tqdm(sorted(layers), desc=f"draft {recipe.draft.scheme}", unit="file", disable=not progress):
-        fname = draft_name(i)
-        path = safe_member(out, fname)
-        if _intact(path, done.get(fname)):
-            entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
-            resumed += 1
-            continue
-        tensors, metas = {}, {}
-        for n in layers[i]:
-            if tuned is not None and n in tuned:
-                packed, metas[n] = tuned.pop(n)  # popped: the bytes are held only until their file is written
-                keyed, metas[n]["stored"] = pack_stored(n, packed)
-            else:
-                w = _read_source(source, read_as[n])
-                keyed, metas[n] = _store_tensor(n, w, draft_spec(recipe, n, shapes[n]), dev, compute_dtype,
-                                                importance=(importance or {}).get(n))
-                del w
-            tensors.update(keyed)
-        data = save_bytes(tensors, {"qstream": json.dumps(metas, sort_keys=True)})
-        del tensors
-        atomic_write_bytes(path, data)
-        entry = FileEntry(fname, DRAFT_KIND, i, len(data), hashlib.sha256(data).hexdigest(), metas, fast_digest(data))
-        del data
+        entry, new = (already or {}).get(i) or write_draft_file(recipe, source, out, i, layers[i], read_as, shapes,
+                                                                 journal, dev, compute_dtype, importance)
         entries.append(entry)
-        done[fname] = entry.to_dict()
-        write_journal(out, journal)
-        written += 1
+        written, resumed = written + new, resumed + (not new)
     return entries, written, resumed
+
+
+def write_draft_file(recipe: Recipe, source, out: Path, i: int, names: list[str], read_as: dict[str, str],
+                     shapes: dict, journal: dict, dev: torch.device, compute_dtype: torch.dtype,
+                     importance: dict[str, torch.Tensor] | None = None,
+                     tuned: dict[str, tuple[dict[str, torch.Tensor], dict]] | None = None) -> tuple[FileEntry, bool]:
+    """Layer i's draft file: kept when intact (False), else written and journaled (True). ``tuned``: name ->
+    (packed, meta) already fitted and tuned (signround, shard._calibrated_unit), stored as they are."""
+    done = journal["files"]
+    fname = draft_name(i)
+    path = safe_member(out, fname)
+    if _intact(path, done.get(fname)):
+        return _with_fast_hash(path, FileEntry.from_dict(done[fname])), False
+    tensors, metas = {}, {}
+    for n in names:
+        if tuned is not None and n in tuned:
+            packed, metas[n] = tuned[n]
+            keyed, metas[n]["stored"] = pack_stored(n, packed)
+        else:
+            w = _read_source(source, read_as[n])
+            keyed, metas[n] = _store_tensor(n, w, draft_spec(recipe, n, shapes[n]), dev, compute_dtype,
+                                            importance=(importance or {}).get(n))
+            del w
+        tensors.update(keyed)
+    data = save_bytes(tensors, {"qstream": json.dumps(metas, sort_keys=True)})
+    del tensors
+    atomic_write_bytes(path, data)
+    entry = FileEntry(fname, DRAFT_KIND, i, len(data), hashlib.sha256(data).hexdigest(), metas, fast_digest(data))
+    done[fname] = entry.to_dict()
+    write_journal(out, journal)
+    return entry, True

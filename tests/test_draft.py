@@ -275,7 +275,8 @@ def test_a_calibrated_recipe_fits_its_draft_to_the_activations(tmp_path):
 def test_a_signround_recipe_tunes_its_draft_on_each_layer_output(tmp_path, caplog):
     """calibration.method signround with a draft: each layer's low-bit copy is fitted (imatrix) and its rounding
     tuned on that layer's output, next to the target's weights (the log says so for every layer), so its codes
-    differ from the imatrix draft's; the directory still decodes exactly."""
+    differ from the imatrix draft's; each draft file is written after its layer and a second run resumes it;
+    the directory still decodes exactly."""
     import logging
 
     from safetensors.torch import load_file
@@ -299,6 +300,15 @@ def test_a_signround_recipe_tunes_its_draft_on_each_layer_output(tmp_path, caplo
         assert ta.keys() == tb.keys() and a.tensors.keys() == b.tensors.keys()
         differ += sum(not torch.equal(ta[k], tb[k]) for k in ta)
     assert differ > 0  # the tuning kept new codes somewhere (it keeps them only where the layer's error drops)
+    # the draft files written during the pass are journaled as they go: the same recipe again resumes them all
+    from qstream.recipe import parse_recipe
+    from qstream.shard import shard
+
+    again = shard(parse_recipe({"model": str(src), "output": str(dirs["signround"]), "scheme": "fp32",
+                                "compute_dtype": "float32", "draft": draft,
+                                "calibration": {"text_file": str(text), "tokens": 1024, "method": "signround"}}),
+                  progress=False)
+    assert again.files_written == 0 and again.files_resumed == len(read_manifest(dirs["signround"]).files)
     x = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     model = qstream.load(dirs["signround"], draft=True, gpu_memory=_mixed_budget(dirs["signround"]), **LOAD)
     try:
