@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .bitpack import fields
-from .gemv_triton import _INTERPRET, _DTYPES, _words, triton_cdiv
+from .gemv_triton import _INTERPRET, _rows, _words, triton_cdiv
 
 try:
     import triton
@@ -79,16 +79,6 @@ def default_config(m: int, n: int, k: int, group: int) -> Config:
 def available(x: torch.Tensor) -> bool:
     """True when these kernels can run on x's device (CUDA, or CPU under TRITON_INTERPRET=1)."""
     return triton is not None and (x.is_cuda or _INTERPRET)
-
-
-def _rows(x: torch.Tensor, k: int) -> torch.Tensor | None:
-    """x [..., k] as a contiguous [M, k] with MIN_ROWS <= M <= MAX_ROWS, or None."""
-    if x.shape[-1] != k or x.dtype not in _DTYPES or x.numel() == 0:
-        return None
-    m = x.numel() // k
-    if not MIN_ROWS <= m <= MAX_ROWS:
-        return None
-    return x.reshape(m, k).contiguous()
 
 
 if triton is not None:
@@ -176,7 +166,7 @@ def affine_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: t
     None when the kernel does not apply; the caller then dequantizes."""
     n, k = shape
     rows, groups = scale.shape
-    x2 = _rows(x, k)
+    x2 = _rows(x, k, MAX_ROWS, MIN_ROWS)
     w = _words(packed)
     if x2 is None or x2.dtype not in _DOT_DTYPES or w is None or rows != n or groups * group < k:
         return None

@@ -110,9 +110,9 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or _INTERPRET)
 
 
-def _rows(x: torch.Tensor, k: int) -> torch.Tensor | None:
-    """x [..., k] as a contiguous [M, k] with M <= MAX_ROWS, or None when the fused path does not apply."""
-    if x.shape[-1] != k or x.dtype not in _DTYPES or x.numel() == 0 or x.numel() // k > MAX_ROWS:
+def _rows(x: torch.Tensor, k: int, most: int = MAX_ROWS, least: int = 1) -> torch.Tensor | None:
+    """x [..., k] as a contiguous [M, k] with least <= M <= most, or None when the fused path does not apply."""
+    if x.shape[-1] != k or x.dtype not in _DTYPES or x.numel() == 0 or not least <= x.numel() // k <= most:
         return None
     return x.reshape(-1, k).contiguous()
 
