@@ -547,8 +547,13 @@ def _store_tensor(name: str, w: torch.Tensor, spec: QuantSpec, dev: torch.device
                   importance: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """One source tensor -> the tensors to store under their file keys, and its metadata."""
     packed, meta = _quantize_tensor(w, spec, dev, compute_dtype, importance=importance)
+    return _for_file(name, packed, meta), meta
+
+
+def _for_file(name: str, packed: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    """``packed`` under the file keys it is stored as (contiguous, on the CPU); the keys go into meta["stored"]."""
     keyed, meta["stored"] = pack_stored(name, {k: t.contiguous().cpu() for k, t in packed.items()})
-    return keyed, meta
+    return keyed
 
 
 def _calibrator(recipe: Recipe, source, prefix: str, dev: torch.device) -> Calibrator:
@@ -631,15 +636,13 @@ def _calibrated_unit(cal: Calibrator, unit: str, members: list[str], source, rea
             copies = {n: _quantize_tensor(raw[n], draft.specs[n], dev, compute_dtype,
                                           importance=(importance or {}).get(n)) for n in members}
             tuned = _signround(cal, i, y, raw, runtime, copies, tune, "draft")
-            draft.tuned.update({n: ({k: t.cpu() for k, t in tuned.get(n, copies[n][0]).items()}, copies[n][1])
-                                for n in members})
+            draft.tuned.update({n: (tuned.get(n, copies[n][0]), copies[n][1]) for n in members})
         for n, packed in _signround(cal, i, y, raw, runtime, fitted, tune).items():
             use(n, packed, fitted[n][1])
     tensors, metas = {}, {}
     for n in members:
         packed, metas[n] = fitted[n]
-        keyed, metas[n]["stored"] = pack_stored(n, {k: t.contiguous().cpu() for k, t in packed.items()})
-        tensors.update(keyed)
+        tensors.update(_for_file(n, packed, metas[n]))
     raw.clear()  # the layer's float weights: at most about two layers are held while sharding
     fitted.clear()
     del hessians

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 from .dtypes import KEEP_SCHEME
 from .quant import QuantSpec, get_scheme
 from .recipe import Recipe
-from .shard import _intact, _read_source, _store_tensor, _with_fast_hash, is_quantizable
+from .shard import _for_file, _intact, _read_source, _store_tensor, _with_fast_hash, is_quantizable
 from .store.files import atomic_write_bytes, safe_member
 from .store.integrity import fast_digest
 from .store.manifest import FileEntry, write_journal
-from .store.tensors import pack_stored, save_bytes
+from .store.tensors import save_bytes
 
 DRAFT_KIND = "draft"
 
@@ -95,7 +95,7 @@ def write_draft_file(recipe: Recipe, source, out: Path, i: int, names: list[str]
     for n in names:
         if tuned is not None and n in tuned:
             packed, metas[n] = tuned[n]
-            keyed, metas[n]["stored"] = pack_stored(n, packed)
+            keyed = _for_file(n, packed, metas[n])
         else:
             w = _read_source(source, read_as[n])
             keyed, metas[n] = _store_tensor(n, w, draft_spec(recipe, n, shapes[n]), dev, compute_dtype,
