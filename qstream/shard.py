@@ -364,7 +364,7 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
     draft = None
     drafts_now: dict[int, tuple[FileEntry, bool]] = {}  # layer -> (entry, written) of the draft files made on the way
     if draft_importance is not None and recipe.calibration.method == "signround":
-        from .shard_draft import draft_spec, write_draft_file  # (as below)
+        from .shard_draft import draft_name, draft_spec, write_draft_file  # (as below)
         draft = DraftTuning({n: draft_spec(recipe, n, shapes[n]) for u, m in units.items() if u.startswith("layer_")
                              for n in m}, {})
     tied_start = {}  # calibration: the embedding as the runtime will see it (the stored head, dequantized)
@@ -379,13 +379,16 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
         if cal is not None and unit != "head":
             # calibration carries activations through every layer: compute even a resumed unit
             # (deterministic), write it only if it is not intact
+            layer = int(unit.split("_")[1]) if draft is not None and unit.startswith("layer_") else None
+            # an intact draft file from an earlier run is kept: its copy needs no tuning again
+            tune = draft if layer is not None and not _intact(safe_member(out, draft_name(layer)),
+                                                               done.get(draft_name(layer))) else None
             tensors, metas = _calibrated_unit(cal, unit, members, source, read_as, specs, dev, compute_dtype,
                                               tied_start, recipe.calibration.method, draft_importance,
-                                              RoundConfig(steps=recipe.calibration.steps), draft)
-            if draft is not None and unit.startswith("layer_"):
-                i = int(unit.split("_")[1])
-                drafts_now[i] = write_draft_file(recipe, source, out, i, members, read_as, shapes, journal, dev,
-                                                 compute_dtype, tuned=draft.tuned)
+                                              RoundConfig(steps=recipe.calibration.steps), tune)
+            if layer is not None:
+                drafts_now[layer] = write_draft_file(recipe, source, out, layer, members, read_as, shapes, journal,
+                                                     dev, compute_dtype, tuned=draft.tuned)
                 draft.tuned.clear()
             moved += sum(math.prod(shapes[n]) * 4 for n in members)
             if _intact(path, done.get(fname)):

@@ -304,11 +304,14 @@ def test_a_signround_recipe_tunes_its_draft_on_each_layer_output(tmp_path, caplo
     from qstream.recipe import parse_recipe
     from qstream.shard import shard
 
-    again = shard(parse_recipe({"model": str(src), "output": str(dirs["signround"]), "scheme": "fp32",
-                                "compute_dtype": "float32", "draft": draft,
-                                "calibration": {"text_file": str(text), "tokens": 1024, "method": "signround"}}),
-                  progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qstream.shard"):
+        again = shard(parse_recipe({"model": str(src), "output": str(dirs["signround"]), "scheme": "fp32",
+                                    "compute_dtype": "float32", "draft": draft,
+                                    "calibration": {"text_file": str(text), "tokens": 1024, "method": "signround"}}),
+                      progress=False)
     assert again.files_written == 0 and again.files_resumed == len(read_manifest(dirs["signround"]).files)
+    assert not [r for r in caplog.records if r.getMessage().startswith("signround draft layer")]  # kept, not re-tuned
     x = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     model = qstream.load(dirs["signround"], draft=True, gpu_memory=_mixed_budget(dirs["signround"]), **LOAD)
     try:
