@@ -375,33 +375,29 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
     bar = tqdm(total=len(units), desc=f"shard {out.name}", unit="file", disable=not progress)
     for unit, members in units.items():
         fname = f"{unit}.safetensors"
-        path = safe_member(out, fname)
         if cal is not None and unit != "head":
             # calibration carries activations through every layer: compute even a resumed unit
             # (deterministic), write it only if it is not intact
             layer = int(unit.split("_")[1]) if draft is not None and unit.startswith("layer_") else None
             # an intact draft file from an earlier run is kept: its copy needs no tuning again
-            tune = draft if layer is not None and not _intact(safe_member(out, draft_name(layer)),
-                                                               done.get(draft_name(layer))) else None
+            kept_draft = _kept(out, draft_name(layer), done) if layer is not None else None
+            tune = draft if layer is not None and kept_draft is None else None
             tensors, metas = _calibrated_unit(cal, unit, members, source, read_as, specs, dev, compute_dtype,
                                               tied_start, recipe.calibration.method, draft_importance,
                                               RoundConfig(steps=recipe.calibration.steps), tune)
             if layer is not None:
-                drafts_now[layer] = write_draft_file(recipe, source, out, layer, members, read_as, shapes, journal,
-                                                     dev, compute_dtype, tuned=draft.tuned)
+                drafts_now[layer] = (kept_draft, False) if kept_draft is not None else \
+                    (write_draft_file(recipe, source, out, layer, members, read_as, shapes, journal, dev,
+                                      compute_dtype, tuned=draft.tuned), True)
                 draft.tuned.clear()
             moved += sum(math.prod(shapes[n]) * 4 for n in members)
-            if _intact(path, done.get(fname)):
-                entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
-                resumed += 1
-                bar.update(1)
-                continue
-        elif _intact(path, done.get(fname)):
-            entries.append(_with_fast_hash(path, FileEntry.from_dict(done[fname])))
+        kept = _kept(out, fname, done)
+        if kept is not None:
+            entries.append(kept)
             resumed += 1
             bar.update(1)
             continue
-        else:
+        if cal is None or unit == "head":
             tensors, metas = {}, {}
             for n in members:
                 w = _read_source(source, read_as[n])
@@ -409,15 +405,8 @@ def _write_all(recipe: Recipe, source, out: Path, fingerprint: str, journal: dic
                 keyed, metas[n] = _store_tensor(n, w, specs[n], dev, compute_dtype)
                 tensors.update(keyed)
                 del w
-        data = save_bytes(tensors, {"qstream": json.dumps(metas, sort_keys=True)})
-        del tensors
-        atomic_write_bytes(path, data)
         kind, index = ("layer", int(unit.split("_")[1])) if unit.startswith("layer_") else (unit, None)
-        entry = FileEntry(fname, kind, index, len(data), hashlib.sha256(data).hexdigest(), metas, fast_digest(data))
-        del data
-        entries.append(entry)
-        done[fname] = entry.to_dict()
-        write_journal(out, journal)
+        entries.append(write_file(out, fname, kind, index, tensors, metas, journal))
         written += 1
         bar.set_postfix_str(f"{moved / max(time.perf_counter() - t0, 1e-9) / 1e6:.0f} MB/s")
         bar.update(1)
@@ -482,6 +471,28 @@ def _with_fast_hash(path: Path, entry: FileEntry) -> FileEntry:
     if entry.xxh3 is not None:
         return entry
     return FileEntry(entry.name, entry.kind, entry.index, entry.size, entry.sha256, entry.tensors, fast_digest(path.read_bytes()))
+
+
+def _kept(out: Path, fname: str, done: dict) -> FileEntry | None:
+    """``fname``'s entry when an earlier run finished it (``done``: journal or manifest entries) and the
+    file still matches it, else None. Hashes the whole file: call once per file and run."""
+    path = safe_member(out, fname)
+    if not _intact(path, done.get(fname)):
+        return None
+    return _with_fast_hash(path, FileEntry.from_dict(done[fname]))
+
+
+def write_file(out: Path, fname: str, kind: str, index: int | None, tensors: dict[str, torch.Tensor],
+               metas: dict[str, dict], journal: dict) -> FileEntry:
+    """One shard file written atomically and then journaled (a crash leaves no file the next run trusts).
+    ``tensors`` is emptied once serialized, so its tensors are freed before the write."""
+    data = save_bytes(tensors, {"qstream": json.dumps(metas, sort_keys=True)})
+    tensors.clear()
+    atomic_write_bytes(safe_member(out, fname), data)
+    entry = FileEntry(fname, kind, index, len(data), hashlib.sha256(data).hexdigest(), metas, fast_digest(data))
+    journal["files"][fname] = entry.to_dict()
+    write_journal(out, journal)
+    return entry
 
 
 def _intact(path: Path, entry: dict | None) -> bool:

@@ -16,8 +16,6 @@ then tuned on its layer's output during the calibrated pass (shard._calibrated_u
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -26,11 +24,8 @@ from tqdm.auto import tqdm
 from .dtypes import KEEP_SCHEME
 from .quant import QuantSpec, get_scheme
 from .recipe import Recipe
-from .shard import _for_file, _intact, _read_source, _store_tensor, _with_fast_hash, is_quantizable
-from .store.files import atomic_write_bytes, safe_member
-from .store.integrity import fast_digest
-from .store.manifest import FileEntry, write_journal
-from .store.tensors import save_bytes
+from .shard import _for_file, _kept, _read_source, _store_tensor, is_quantizable, write_file
+from .store.manifest import FileEntry
 
 DRAFT_KIND = "draft"
 
@@ -73,8 +68,13 @@ def write_drafts(recipe: Recipe, source, out: Path, units: dict[str, list[str]],
     entries, written, resumed = [], 0, 0
     layers = layer_units(units)
     for i in tqdm(sorted(layers), desc=f"draft {recipe.draft.scheme}", unit="file", disable=not progress):
-        entry, new = (already or {}).get(i) or write_draft_file(recipe, source, out, i, layers[i], read_as, shapes,
-                                                                 journal, dev, compute_dtype, importance)
+        if already and i in already:
+            entry, new = already[i]
+        else:
+            kept = _kept(out, draft_name(i), journal["files"])
+            entry, new = (kept, False) if kept is not None else \
+                (write_draft_file(recipe, source, out, i, layers[i], read_as, shapes, journal, dev, compute_dtype,
+                                  importance), True)
         entries.append(entry)
         written, resumed = written + new, resumed + (not new)
     return entries, written, resumed
@@ -83,14 +83,9 @@ def write_drafts(recipe: Recipe, source, out: Path, units: dict[str, list[str]],
 def write_draft_file(recipe: Recipe, source, out: Path, i: int, names: list[str], read_as: dict[str, str],
                      shapes: dict, journal: dict, dev: torch.device, compute_dtype: torch.dtype,
                      importance: dict[str, torch.Tensor] | None = None,
-                     tuned: dict[str, tuple[dict[str, torch.Tensor], dict]] | None = None) -> tuple[FileEntry, bool]:
-    """Layer i's draft file: kept when intact (False), else written and journaled (True). ``tuned``: name ->
-    (packed, meta) already fitted and tuned (signround, shard._calibrated_unit), stored as they are."""
-    done = journal["files"]
-    fname = draft_name(i)
-    path = safe_member(out, fname)
-    if _intact(path, done.get(fname)):
-        return _with_fast_hash(path, FileEntry.from_dict(done[fname])), False
+                     tuned: dict[str, tuple[dict[str, torch.Tensor], dict]] | None = None) -> FileEntry:
+    """Layer i's draft file, written and journaled (the caller keeps an intact one: shard._kept). ``tuned``:
+    name -> (packed, meta) already fitted and tuned (signround, shard._calibrated_unit), stored as they are."""
     tensors, metas = {}, {}
     for n in names:
         if tuned is not None and n in tuned:
@@ -102,10 +97,4 @@ def write_draft_file(recipe: Recipe, source, out: Path, i: int, names: list[str]
                                             importance=(importance or {}).get(n))
             del w
         tensors.update(keyed)
-    data = save_bytes(tensors, {"qstream": json.dumps(metas, sort_keys=True)})
-    del tensors
-    atomic_write_bytes(path, data)
-    entry = FileEntry(fname, DRAFT_KIND, i, len(data), hashlib.sha256(data).hexdigest(), metas, fast_digest(data))
-    done[fname] = entry.to_dict()
-    write_journal(out, journal)
-    return entry, True
+    return write_file(out, draft_name(i), DRAFT_KIND, i, tensors, metas, journal)

@@ -4,6 +4,8 @@ the target's resident layers, embeddings and head, and exact (greedy token-ident
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -304,13 +306,24 @@ def test_a_signround_recipe_tunes_its_draft_on_each_layer_output(tmp_path, caplo
     from qstream.recipe import parse_recipe
     from qstream.shard import shard
 
+    import qstream.shard as shard_module
+
+    hashed = []  # a resumed file is verified by one full hash, not one per check
+    real_hash = shard_module.sha256_file
+
+    def counting_hash(path, **kw):
+        hashed.append(Path(path).name)
+        return real_hash(path, **kw)
+
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="qstream.shard"):
+    with caplog.at_level(logging.INFO, logger="qstream.shard"), \
+            mock.patch.object(shard_module, "sha256_file", counting_hash):
         again = shard(parse_recipe({"model": str(src), "output": str(dirs["signround"]), "scheme": "fp32",
                                     "compute_dtype": "float32", "draft": draft,
                                     "calibration": {"text_file": str(text), "tokens": 1024, "method": "signround"}}),
                       progress=False)
     assert again.files_written == 0 and again.files_resumed == len(read_manifest(dirs["signround"]).files)
+    assert sorted(hashed) == sorted(set(hashed)) and len(hashed) == again.files_resumed
     assert not [r for r in caplog.records if r.getMessage().startswith("signround draft layer")]  # kept, not re-tuned
     x = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     model = qstream.load(dirs["signround"], draft=True, gpu_memory=_mixed_budget(dirs["signround"]), **LOAD)
